@@ -1,0 +1,161 @@
+"""Configuration from ``NX_*`` environment variables, an env file and systemd credentials.
+
+Built once by :func:`load_settings` and passed down; nothing reads the environment later.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from nxdrop.exceptions import ConfigError
+
+ENV_PREFIX = "NX_"
+
+# Secret fields, and the name of their systemd credential ($CREDENTIALS_DIRECTORY/<name>).
+SECRETS = ("cdcs_token", "elabftw_api_key")
+
+
+class Strategy(StrEnum):
+    """How the outcomes of several destinations make the outcome of a record."""
+
+    ALL = "all"  # exported only if every enabled destination succeeded
+    FIRST_SUCCESS = "first_success"  # stop at the first success, in priority order
+    BEST_EFFORT = "best_effort"  # try every destination; exported if one succeeded
+
+
+def _default_data_path() -> Path:
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        # systemd may list several directories, separated by colons; the first is ours.
+        return Path(state.split(":")[0])
+    return Path.home() / ".local" / "state" / "nxdrop"
+
+
+class Settings(BaseSettings):
+    """Every ``NX_`` setting of the contract; field ``foo`` is variable ``NX_FOO``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    data_path: Path = Field(default_factory=_default_data_path)
+    drop_path: Path | None = None
+    db_url: str | None = None
+    export_strategy: Strategy = Strategy.ALL
+
+    cdcs_url: str | None = None
+    cdcs_token: SecretStr | None = None
+    cdcs_token_file: Path | None = None
+    cdcs_template: str | None = None
+    cdcs_assign_to_public_workspace: bool = True
+
+    elabftw_url: str | None = None
+    elabftw_api_key: SecretStr | None = None
+    elabftw_api_key_file: Path | None = None
+    elabftw_experiment_category: str | None = None
+    elabftw_experiment_status: str | None = None
+    elabftw_team: str = "current"
+
+    archive_path: Path | None = None
+
+    cert_bundle: Path | None = None
+    disable_ssl_verify: bool = False
+    log_path: Path | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    workers: int = Field(default=4, ge=1, le=64)
+    queue_size: int = Field(default=256, ge=1)
+    observer: Literal["inotify", "polling"] = "inotify" if sys.platform == "linux" else "polling"
+    settle_seconds: float = Field(default=2.0, gt=0)
+    rescan_seconds: float = Field(default=60.0, gt=0)
+    stop_timeout: float = Field(default=60.0, gt=0)
+    http_timeout: float = Field(default=30.0, gt=0)
+    retry_max_time: float = Field(default=120.0, ge=0)
+    max_record_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    schema_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if self.drop_path is None:
+            self.drop_path = self.data_path / "drop"
+        if self.db_url is None:
+            self.db_url = f"sqlite:///{self.data_path / 'nxdrop.db'}"
+        for name in SECRETS:
+            if getattr(self, name) is None:
+                setattr(self, name, _read_secret(name, getattr(self, f"{name}_file")))
+        if self.cert_bundle is not None and not self.cert_bundle.is_file():
+            raise ValueError(f"NX_CERT_BUNDLE={self.cert_bundle}: no such file")
+        if self.schema_path is not None and not self.schema_path.is_file():
+            raise ValueError(f"NX_SCHEMA_PATH={self.schema_path}: no such file")
+        return self
+
+    @property
+    def drop(self) -> Path:
+        """The drop folder (always set after validation)."""
+        assert self.drop_path is not None
+        return self.drop_path
+
+    @property
+    def database_url(self) -> str:
+        """The Peewee database URL (always set after validation)."""
+        assert self.db_url is not None
+        return self.db_url
+
+    @property
+    def tls_verify(self) -> bool | str:
+        """What ``requests`` takes as ``verify=``."""
+        if self.disable_ssl_verify:
+            return False
+        return str(self.cert_bundle) if self.cert_bundle else True
+
+
+def _read_secret(name: str, path: Path | None) -> SecretStr | None:
+    """A secret from ``NX_<NAME>_FILE``, else from systemd's ``LoadCredential=``."""
+    variable = f"{ENV_PREFIX}{name.upper()}_FILE"
+    if path is None:
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not creds or not (Path(creds) / f"nx_{name}").is_file():
+            return None
+        path, variable = Path(creds) / f"nx_{name}", f"$CREDENTIALS_DIRECTORY/nx_{name}"
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{variable}={path}: cannot read the secret: {exc.strerror}") from None
+    if not value:
+        raise ValueError(f"{variable}={path}: the file is empty")
+    return SecretStr(value)
+
+
+def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build the settings once: flags (``overrides``) beat the environment, which beats the file.
+
+    The env file is ``env_file``, else ``$NX_ENV_FILE``. Every problem is a
+    :class:`ConfigError` whose message names the variable.
+    """
+    env_file = env_file or os.environ.get(f"{ENV_PREFIX}ENV_FILE") or None
+    if env_file is not None and not Path(env_file).is_file():
+        raise ConfigError(f"env file {env_file}: no such file")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(_env_file=env_file, **given)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{ENV_PREFIX}{field.upper()}: {message}" if field else message)
+    return "; ".join(lines)
