@@ -1,0 +1,76 @@
+"""``nxdrop check`` and ``nxdrop destinations``: what an operator runs before starting."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TextIO
+
+from nxdrop.destinations.registry import NOTHING_ENABLED, Found, discover
+from nxdrop.exceptions import NxdropError
+from nxdrop.settings import Settings
+from nxdrop.store import Store
+
+OK, BAD = "✓", "✗"
+
+
+def disabled_reason(found: Found) -> str:
+    """Why a destination is off, in its own words where it has them."""
+    if found.error:
+        return found.error
+    reason = getattr(found.destination, "disabled_reason", None)
+    return str(reason) if reason else "not configured"
+
+
+def list_destinations(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Print each destination found with its priority and state; always 0."""
+    found = discover(settings)
+    width = max((len(f.name) for f in found), default=4)
+    for f in found:
+        state = "enabled" if f.enabled else f"off: {disabled_reason(f)}"
+        print(f"{f.name:<{width}}  {f.priority:>4}  {f.source:<22} {state}", file=out)
+    return 0
+
+
+def check(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Validate everything that can be validated; a ✓/✗ line each; 0 only if all are ✓."""
+    lines: list[tuple[bool, str]] = [(True, f"configuration (strategy {settings.export_strategy})")]
+    lines.append(_check_database(settings))
+    lines.append(_check_drop_folder(settings))
+    found = discover(settings)
+    enabled = [f for f in found if f.enabled]
+    for f in found:
+        if f.config_error or (f.error and f.source != "built-in"):
+            lines.append((False, f"destination {f.name}: {f.error}"))
+    if not enabled:
+        lines.append((False, NOTHING_ENABLED))
+    for f in enabled:
+        assert f.destination is not None
+        try:
+            ok, reason = f.destination.validate_config()
+        except Exception as exc:  # a plugin's bug is a ✗, not a traceback
+            ok, reason = False, f"validate_config raised {type(exc).__name__}: {exc}"
+        lines.append(
+            (ok, f"destination {f.name} (priority {f.priority})" + ("" if ok else f": {reason}"))
+        )
+    for ok, text in lines:
+        print(f"{OK if ok else BAD} {text}", file=out)
+    return 0 if all(ok for ok, _ in lines) else 1
+
+
+def _check_database(settings: Settings) -> tuple[bool, str]:
+    scheme = settings.database_url.split(":", 1)[0]
+    try:
+        Store(settings.database_url).close()
+    except NxdropError as exc:
+        return False, f"database: {exc}"
+    return True, f"database ({scheme})"
+
+
+def _check_drop_folder(settings: Settings) -> tuple[bool, str]:
+    drop = settings.drop
+    if not drop.is_dir():
+        return False, f"drop folder {drop}: does not exist (NX_DROP_PATH)"
+    if not os.access(drop, os.W_OK | os.X_OK):
+        return False, f"drop folder {drop}: not writable by this user (NX_DROP_PATH)"
+    return True, f"drop folder {drop}"

@@ -1,0 +1,116 @@
+"""What the commands do (``cli`` only parses and calls these); each returns an exit code."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nxdrop.app import build_app
+from nxdrop.folders import DropFolder
+from nxdrop.pipeline import Outcome
+from nxdrop.progress import Progress
+from nxdrop.settings import Settings
+from nxdrop.store import Store
+
+EXIT_OK, EXIT_FAILED = 0, 1
+
+
+def export(settings: Settings, files: list[Path]) -> int:
+    """``nxdrop export FILE…``: 0 when every file was exported, else 1."""
+    app = build_app(settings)
+    progress = Progress(len(files))
+    failed = 0
+    for path in files:
+        report = app.pipeline.export_file(path)
+        progress.advance(report.ok)
+        if not report.ok:
+            failed += 1
+            print(f"{path}: {report.outcome.value}: {report.error}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def run(settings: Settings, *, once: bool) -> int:
+    """``nxdrop run [--once]``: the daemon, or one pass over the drop folder."""
+    from nxdrop.daemon import Daemon
+
+    daemon = Daemon(build_app(settings))
+    if once:
+        reports = daemon.run_once()
+        return (
+            EXIT_OK
+            if all(
+                r.outcome is not Outcome.FAILED and r.outcome is not Outcome.REJECTED
+                for r in reports
+            )
+            else EXIT_FAILED
+        )
+    return daemon.run()
+
+
+def retry(settings: Settings, files: list[str] | None) -> int:
+    """``nxdrop retry``: move failed files (or all of them) back into the drop folder."""
+    folder = DropFolder(settings.drop)
+    try:
+        moved = folder.retry(files)
+    except FileNotFoundError as exc:
+        print(f"nxdrop: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for path in moved:
+        print(f"requeued {path}")
+    if not moved:
+        print(f"nothing to retry in {folder.failed}")
+    return EXIT_OK
+
+
+def status(settings: Settings, session: str | None, *, as_json: bool, limit: int) -> int:
+    """``nxdrop status [SESSION]``: recent sessions, or one session's upload log."""
+    store = Store(settings.database_url)
+    columns: tuple[str, ...]
+    if session is None:
+        rows: list[Any] = store.recent_sessions(limit)
+        columns = ("session_identifier", "record_status", "instrument", "user", "timestamp")
+    else:
+        rows = store.uploads(session)
+        columns = (
+            "destination_name",
+            "state",
+            "timestamp",
+            "attempts",
+            "record_url",
+            "error_message",
+        )
+        if not rows and store.session(session) is None:
+            print(f"no session {session!r} in the log", file=sys.stderr)
+            return EXIT_OK
+    if as_json:
+        print(json.dumps([asdict(r) for r in rows], default=_json_default, indent=2))
+    else:
+        print(_table(columns, [[_cell(getattr(r, c)) for c in columns] for r in rows]))
+    return EXIT_OK
+
+
+def _json_default(value: object) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
+    if not rows:
+        return "(nothing logged yet)"
+    header = [c.upper().replace("_", " ") for c in columns]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
