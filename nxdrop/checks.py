@@ -69,8 +69,11 @@ def _check_database(settings: Settings) -> tuple[bool, str]:
 
 def _check_drop_folder(settings: Settings) -> tuple[bool, str]:
     drop = settings.drop
-    if not drop.is_dir():
-        return False, f"drop folder {drop}: does not exist (NX_DROP_PATH)"
-    if not os.access(drop, os.W_OK | os.X_OK):
-        return False, f"drop folder {drop}: not writable by this user (NX_DROP_PATH)"
-    return True, f"drop folder {drop}"
+    existing = drop
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return False, f"drop folder {drop}: {existing} is not a folder (NX_DROP_PATH)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return False, f"drop folder {drop}: {existing} is not writable by this user (NX_DROP_PATH)"
+    return True, f"drop folder {drop}" + ("" if existing == drop else " (made at start)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import os
 import stat
@@ -45,7 +46,6 @@ class DropFolder:
         self.path = path
         self.uploaded = path / UPLOADED
         self.failed = path / FAILED
-        self._renameat2 = _load_renameat2()
 
     def create(self) -> None:
         """Make the folders (and only them); a missing parent is made too."""
@@ -89,7 +89,7 @@ class DropFolder:
         """Move a record into ``failed/`` and write ``<name>.error.json`` beside it."""
         target = self._move(path, self.failed)
         error_file = target.with_name(target.name + ERROR_SUFFIX)
-        _write_atomically(error_file, json.dumps(report, indent=2, default=str) + "\n")
+        write_atomically(error_file, json.dumps(report, indent=2, default=str) + "\n")
         return target
 
     def retry(self, names: list[str] | None = None) -> list[Path]:
@@ -116,40 +116,50 @@ class DropFolder:
 
     def _move(self, source: Path, folder: Path) -> Path:
         folder.mkdir(exist_ok=True)
-        for target in _unique_names(folder, source.name):
-            try:
-                self._rename_noreplace(source, target)
-            except FileExistsError:
-                continue
-            return target
-        raise AssertionError("unreachable: _unique_names is endless")
+        return move_without_replacing(source, folder, source.name)
 
-    def _rename_noreplace(self, source: Path, target: Path) -> None:
-        if self._renameat2 is not None:
-            rc = self._renameat2(
-                _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
-            )
-            if rc == 0:
-                return
-            err = ctypes.get_errno()
-            if err == errno.EEXIST:
-                raise FileExistsError(err, os.strerror(err), str(target))
-            if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise OSError(err, os.strerror(err), str(source))
-        # Filesystems without RENAME_NOREPLACE: link() fails on an existing name too.
+
+def move_without_replacing(source: Path, folder: Path, name: str) -> Path:
+    """Rename ``source`` to ``folder/name``, or ``name`` with ``.1``, ``.2``… if that is taken."""
+    for target in unique_names(folder, name):
         try:
-            os.link(source, target, follow_symlinks=False)
+            rename_noreplace(source, target)
         except FileExistsError:
-            raise
-        except OSError:
-            if target.exists() or target.is_symlink():
-                raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
-            os.rename(source, target)
+            continue
+        return target
+    raise AssertionError("unreachable: unique_names is endless")
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """``rename`` that raises ``FileExistsError`` instead of replacing ``target``."""
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        rc = renameat2(
+            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+        )
+        if rc == 0:
             return
-        os.unlink(source)
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(target))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(source))
+    # Filesystems without RENAME_NOREPLACE: link() fails on an existing name too.
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError:
+        # No hard links either (some SMB mounts): check, then rename; a tiny race remains.
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
 
 
-def _unique_names(folder: Path, name: str) -> Iterator[Path]:
+def unique_names(folder: Path, name: str) -> Iterator[Path]:
+    """``folder/name``, then ``folder/<stem>.1.xml``, ``<stem>.2.xml``, … endlessly."""
     yield folder / name
     stem = name[: -len(RECORD_SUFFIX)] if name.endswith(RECORD_SUFFIX) else name
     suffix = RECORD_SUFFIX if name.endswith(RECORD_SUFFIX) else ""
@@ -159,7 +169,8 @@ def _unique_names(folder: Path, name: str) -> Iterator[Path]:
         n += 1
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a hidden temporary name, fsync, and rename it into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -168,7 +179,8 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_renameat2() -> Any:
+@functools.cache
+def _renameat2() -> Any:
     libc_name = ctypes.util.find_library("c")
     if libc_name is None:
         return None
