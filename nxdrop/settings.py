@@ -46,6 +46,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        env_ignore_empty=True,  # `NX_CDCS_URL=` in an env file means "not set"
     )
 
     data_path: Path = Field(default_factory=_default_data_path)

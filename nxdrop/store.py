@@ -1,8 +1,9 @@
 """The log: ``upload_log`` and ``session_log`` with Peewee, named as in NexusLIMS.
 
 SQLite by default (WAL, a busy timeout, one connection per thread); PostgreSQL by URL.
-Tables are created on first use. Every write is its own short transaction, so worker
-threads can write at the same time.
+Tables are created on first use. Each thread keeps its own connection (Peewee's
+default), and every read or write is one short transaction, so worker threads can write
+at the same time.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class Store:
         self.UploadLog, self.SessionLog = _models(self.db)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         try:
-            with self.db.connection_context():
+            with self.db.atomic():
                 self.db.create_tables([self.UploadLog, self.SessionLog], safe=True)
         except peewee.PeeweeException as exc:
             raise ConfigError(f"NX_DB_URL: cannot open the database: {exc}") from exc
@@ -188,14 +189,14 @@ class Store:
             }
         SessionLog = self.SessionLog
         update = {getattr(SessionLog, k): v for k, v in row.items() if k != "session_identifier"}
-        with self.db.connection_context(), self.db.atomic():
+        with self.db.atomic():
             SessionLog.insert(**row).on_conflict(
                 conflict_target=[SessionLog.session_identifier], update=update
             ).execute()
 
     def session(self, session_identifier: str) -> SessionRow | None:
         """One session's row, or ``None``."""
-        with self.db.connection_context():
+        with self.db.atomic():
             row = self.SessionLog.get_or_none(
                 self.SessionLog.session_identifier == session_identifier
             )
@@ -204,7 +205,7 @@ class Store:
     def recent_sessions(self, limit: int = 20) -> list[SessionRow]:
         """The latest sessions, newest first."""
         SessionLog = self.SessionLog
-        with self.db.connection_context():
+        with self.db.atomic():
             rows = list(SessionLog.select().order_by(SessionLog.timestamp.desc()).limit(limit))
         return [_session_row(r) for r in rows]
 
@@ -212,7 +213,7 @@ class Store:
 
     def begin_attempt(self, record: Record, destination_name: str) -> int:
         """Write the in-flight row before a destination is called; its id."""
-        with self.db.connection_context():
+        with self.db.atomic():
             row = self.UploadLog.create(
                 session_identifier=record.session_identifier,
                 destination_name=destination_name,
@@ -235,7 +236,7 @@ class Store:
             else AttemptState.FAILED
         )
         UploadLog = self.UploadLog
-        with self.db.connection_context():
+        with self.db.atomic():
             UploadLog.update(
                 success=result.success,
                 state=state.value,
@@ -252,7 +253,7 @@ class Store:
     def earlier_success(self, destination_name: str, sha256: str) -> UploadRow | None:
         """The latest success of ``destination_name`` with these exact bytes, if any."""
         UploadLog = self.UploadLog
-        with self.db.connection_context():
+        with self.db.atomic():
             row = (
                 UploadLog.select()
                 .where(
@@ -268,7 +269,7 @@ class Store:
     def uploads(self, session_identifier: str) -> list[UploadRow]:
         """A session's upload log, oldest first."""
         UploadLog = self.UploadLog
-        with self.db.connection_context():
+        with self.db.atomic():
             rows = list(
                 UploadLog.select()
                 .where(UploadLog.session_identifier == session_identifier)

@@ -1,0 +1,180 @@
+"""The ``nxdrop`` command as a user runs it: a real subprocess, every exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.plugins import env_with_path, install_plugin
+
+RAISING_PLUGIN = """
+    from nxdrop.destinations import ExportContext, ExportResult
+
+    class Raising:
+        name = "raising"
+        priority = 200
+        enabled = True
+
+        def validate_config(self):
+            return False, "the service is down"
+
+        def export(self, context: ExportContext) -> ExportResult:
+            raise RuntimeError("plugin bug")
+
+    class Broken:
+        def __init__(self):
+            raise ImportError("missing dependency frobnicate")
+"""
+
+
+@pytest.fixture
+def nxdrop(tmp_path: Path, drop: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run ``python -m nxdrop ARGS`` with a state folder, a drop folder and an archive."""
+    site = tmp_path / "site"
+    install_plugin(site, "nx_raising", RAISING_PLUGIN,
+                   {"raising": "nx_raising:Raising", "broken": "nx_raising:Broken"})
+
+    def run(*args: str, plugin: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
+        base = env_with_path(site) if plugin else {
+            k: v for k, v in os.environ.items() if not k.startswith("NX_")}
+        base |= {"NX_DATA_PATH": str(tmp_path / "state"), "NX_DROP_PATH": str(drop),
+                 "NX_ARCHIVE_PATH": str(tmp_path / "archive"), "NX_RETRY_MAX_TIME": "0"}
+        base |= env
+        return subprocess.run([sys.executable, "-m", "nxdrop", *args], env=base,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    return run
+
+
+def test_version_and_usage_errors(nxdrop: Callable[..., subprocess.CompletedProcess[str]]
+                                  ) -> None:
+    assert nxdrop("--version").stdout.startswith("nxdrop ")
+    assert nxdrop().returncode == 2
+    assert nxdrop("frobnicate").returncode == 2
+    assert nxdrop("retry").returncode == 2  # neither FILEs nor --all
+    assert nxdrop("run", "--strategy", "most").returncode == 2
+
+
+def test_configuration_error_names_the_variable(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    result = nxdrop("run", "--once", NX_WORKERS="many")
+    assert result.returncode == 2
+    assert "NX_WORKERS" in result.stderr
+
+
+def test_no_destination_enabled_is_a_configuration_error(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], place: Callable[..., Path]
+) -> None:
+    record = place()
+    for command in (["run", "--once"], ["export", str(record)]):
+        result = nxdrop(*command, NX_ARCHIVE_PATH="")
+        assert result.returncode == 2, result.stderr
+        assert "no destination is enabled" in result.stderr
+    assert record.exists()  # nothing moved
+
+
+def test_export_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
+                           place: Callable[..., Path], drop: Path) -> None:
+    good = place()
+    assert nxdrop("export", str(good)).returncode == 0
+    assert (drop / "uploaded" / good.name).exists()
+
+    bad = drop / "bad.xml"
+    bad.write_text("<Experiment>")
+    result = nxdrop("export", str(place("example_record_curation.xml")), str(bad))
+    assert result.returncode == 1
+    assert "bad.xml: rejected" in result.stderr
+    assert (drop / "failed" / "bad.xml.error.json").exists()
+
+
+def test_run_once_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
+                             place: Callable[..., Path], drop: Path) -> None:
+    place()
+    place("example_record_curation.xml")
+    result = nxdrop("run", "--once")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (drop / "uploaded").iterdir()) == [
+        "example_record.xml", "example_record_curation.xml"]
+    assert nxdrop("run", "--once").returncode == 0  # nothing to do is fine
+
+    (drop / "bad.xml").write_text("")
+    assert nxdrop("run", "--once").returncode == 1
+
+
+def test_raising_plugin_is_a_failed_destination_not_a_crash(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], place: Callable[..., Path],
+    drop: Path,
+) -> None:
+    record = place()
+    result = nxdrop("export", str(record), plugin=True)
+    assert result.returncode == 1  # strategy all: the raising plugin failed
+    error = json.loads((drop / "failed" / f"{record.name}.error.json").read_text())
+    assert "plugin bug" in error["destinations"]["raising"]["error"]
+    assert error["destinations"]["archive"]["success"] is True
+
+    place("example_record_curation.xml")
+    result = nxdrop("run", "--once", plugin=True, NX_EXPORT_STRATEGY="best_effort")
+    assert result.returncode == 0
+    assert (drop / "uploaded" / "example_record_curation.xml").exists()
+
+
+def test_destinations_lists_priority_order_and_why_off(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    result = nxdrop("destinations", plugin=True)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names.index("raising") < names.index("cdcs") < names.index("elabftw") < \
+        names.index("archive")
+    text = {line.split()[0]: line for line in lines}
+    assert "enabled" in text["archive"] and "plugin (nx_raising)" in text["raising"]
+    assert "NX_CDCS_URL" in text["cdcs"]
+    assert "frobnicate" in text["broken"]
+
+
+def test_check_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
+                          tmp_path: Path) -> None:
+    good = nxdrop("check")
+    assert good.returncode == 0, good.stdout
+    assert "✓ destination archive" in good.stdout
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = nxdrop("check", NX_ARCHIVE_PATH=str(blocker / "archive"))
+    assert bad.returncode == 1
+    assert "✗ destination archive" in bad.stdout
+
+    plugin = nxdrop("check", plugin=True)
+    assert plugin.returncode == 1
+    assert "✗ destination raising (priority 200): the service is down" in plugin.stdout
+
+    assert nxdrop("check", NX_HTTP_TIMEOUT="soon").returncode == 2
+
+
+def test_status_and_retry(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
+                          place: Callable[..., Path], drop: Path) -> None:
+    assert "nothing logged" in nxdrop("status").stdout
+    place()
+    nxdrop("run", "--once", plugin=True)  # fails: the raising plugin
+
+    table = nxdrop("status")
+    assert table.returncode == 0
+    assert "example_record" in table.stdout and "BUILT_NOT_EXPORTED" in table.stdout
+    rows = json.loads(nxdrop("status", "example_record", "--json").stdout)
+    assert {r["destination_name"]: r["success"] for r in rows} == {
+        "raising": False, "archive": True}
+
+    assert nxdrop("retry", "--all").returncode == 0
+    assert (drop / "example_record.xml").exists()
+    assert nxdrop("run", "--once").returncode == 0  # without the plugin now
+    rows = json.loads(nxdrop("status", "example_record", "--json").stdout)
+    assert [r["state"] for r in rows] == ["failed", "succeeded", "reused"]
+    assert nxdrop("retry", "missing.xml").returncode == 1
