@@ -27,9 +27,13 @@ RECORDS = ("example_record.xml", "example_record_curation.xml")
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's NX_* variables or systemd's directories."""
     for name in list(os.environ):
-        if name.startswith("NX_") or name in ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY",
-                                               "NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                               "JOURNAL_STREAM"):
+        if name.startswith("NX_") or name in (
+            "CREDENTIALS_DIRECTORY",
+            "STATE_DIRECTORY",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "JOURNAL_STREAM",
+        ):
             monkeypatch.delenv(name)
 
 
