@@ -1,0 +1,484 @@
+"""The CDCS destination against the real CDCS (shared/peers/cdcs): what a user would check."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nxdrop.destinations.base import ExportContext
+from nxdrop.destinations.cdcs import CDCSDestination
+from nxdrop.exceptions import ConfigError, PermanentError, TransientError
+from nxdrop.pipeline import Outcome, Pipeline
+from nxdrop.settings import Settings
+from nxdrop.store import Store
+from tests.conftest import RECORDS
+from tests.fixtures.cdcs_server import CDCSClient, CDCSServer, SubPathProxy
+
+cdcs = pytest.mark.cdcs
+Place = Callable[..., Path]
+MakeSettings = Callable[..., Settings]
+
+TEMPLATES = r"/rest/template-version-manager/global/$"
+WORKSPACES = r"/rest/workspace/read_access/$"
+CREATE = r"^/rest/data/$"
+
+
+def unique_session() -> str:
+    return f"2024-01-01_FEI-Titan-TEM_{uuid.uuid4().hex[:12]}"
+
+
+def context_for(path: Path) -> ExportContext:
+    """What the pipeline hands a destination, made by hand from a file."""
+    stem = path.name.removesuffix(".xml")
+    return ExportContext(path, stem, "FEI-Titan-TEM", None, None, None)
+
+
+@pytest.fixture
+def destination(
+    make_settings: MakeSettings, cdcs_server: CDCSServer
+) -> Callable[..., CDCSDestination]:
+    """A configured CDCSDestination; keywords override the settings (``cdcs_url`` etc.)."""
+
+    def make(**overrides: Any) -> CDCSDestination:
+        values = {"cdcs_url": cdcs_server.url, "cdcs_token": cdcs_server.user_token}
+        dest = CDCSDestination()
+        dest.configure(make_settings(**{**values, **overrides}))
+        return dest
+
+    return make
+
+
+@pytest.fixture
+def record(place: Place) -> Callable[..., Path]:
+    """A corpus record in the drop folder under a session identifier of its own."""
+    return lambda corpus_name=RECORDS[0]: place(corpus_name, name=f"{unique_session()}.xml")
+
+
+# -- the main path ---------------------------------------------------------------------
+
+
+@cdcs
+@pytest.mark.parametrize("corpus_name", RECORDS)
+def test_record_arrives_byte_identical_and_published(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    corpus_name: str,
+) -> None:
+    path = record(corpus_name)
+    session = path.name.removesuffix(".xml")
+
+    result = destination().export(context_for(path))
+
+    assert result.success
+    assert result.destination_name == "cdcs"
+    assert result.record_url == f"{cdcs_server.url}data?id={result.record_id}"
+    stored = cdcs_server.client.record(str(result.record_id))
+    sent = path.read_bytes()
+    # CDCS keeps xml_content verbatim, CRLF included (example_record.xml has 1679 of them).
+    assert stored["xml_content"].encode("utf-8") == sent
+    assert stored["xml_content"].count("\r\n") == sent.count(b"\r\n")
+    assert stored["title"] == session
+    assert str(stored["template"]) == cdcs_server.template_id
+    assert stored["workspace"] == cdcs_server.client.public_workspace()
+    assert result.metadata == {
+        "template": cdcs_server.template_id,
+        "workspace": str(cdcs_server.client.public_workspace()),
+        "title": session,
+    }
+
+
+def test_corpus_crlf_record_really_has_crlf(corpus: Path) -> None:
+    # The byte-identity test above means little unless the corpus keeps its CRLF.
+    assert b"\r\n" in (corpus / "example_record.xml").read_bytes()
+
+
+@cdcs
+def test_unpublished_when_asked(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+) -> None:
+    result = destination(cdcs_assign_to_public_workspace=False).export(context_for(record()))
+    assert cdcs_server.client.record(str(result.record_id))["workspace"] is None
+    assert result.metadata["workspace"] is None
+
+
+@cdcs
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_sub_path_url_with_and_without_slash(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    cdcs_proxy: SubPathProxy,
+    suffix: str,
+) -> None:
+    path = record()
+    result = destination(cdcs_url=cdcs_proxy.url + suffix).export(context_for(path))
+
+    assert result.record_url == f"{cdcs_proxy.url}/data?id={result.record_id}"
+    assert cdcs_proxy.count("POST", CREATE) == 1
+    assert cdcs_proxy.count("PATCH", rf"^/rest/data/{result.record_id}/assign/\d+$") == 1
+    assert cdcs_server.client.record(str(result.record_id))["xml_content"].encode() == (
+        path.read_bytes()
+    )
+
+
+# -- templates -------------------------------------------------------------------------
+
+
+@cdcs
+@pytest.mark.parametrize("by", ["title", "id"])
+def test_template_by_title_or_id(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    by: str,
+) -> None:
+    setting = cdcs_server.template_title if by == "title" else cdcs_server.template_id
+    result = destination(cdcs_template=setting).export(context_for(record()))
+    assert result.metadata["template"] == cdcs_server.template_id
+    assert str(cdcs_server.client.record(str(result.record_id))["template"]) == (
+        cdcs_server.template_id
+    )
+
+
+@cdcs
+def test_unknown_template_names_the_variable(
+    destination: Callable[..., CDCSDestination], record: Callable[..., Path]
+) -> None:
+    dest = destination(cdcs_template="No Such Template")
+    with pytest.raises(PermanentError, match="NX_CDCS_TEMPLATE='No Such Template'"):
+        dest.export(context_for(record()))
+    ok, reason = dest.validate_config()
+    assert not ok
+    assert reason is not None
+    assert "NX_CDCS_TEMPLATE" in reason
+
+
+@cdcs
+def test_several_templates_need_the_setting(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    cdcs_proxy: SubPathProxy,
+) -> None:
+    # Adding a second global template to the real CDCS would change it for every later
+    # test (CDCS cannot delete one through REST), so the proxy plays that one endpoint.
+    managers = [
+        {"id": 1, "title": cdcs_server.template_title, "current": cdcs_server.template_id,
+         "versions": [cdcs_server.template_id], "is_disabled": False},
+        {"id": 99, "title": "Other Schema", "current": "999", "versions": ["999"],
+         "is_disabled": False},
+    ]  # fmt: skip
+    cdcs_proxy.answer("GET", TEMPLATES, 200, managers)
+
+    with pytest.raises(PermanentError) as caught:
+        destination(cdcs_url=cdcs_proxy.url).export(context_for(record()))
+    message = str(caught.value)
+    assert "NX_CDCS_TEMPLATE" in message
+    assert cdcs_server.template_title in message
+    assert "Other Schema" in message
+    assert cdcs_proxy.count("POST", CREATE) == 0
+
+    chosen = destination(cdcs_url=cdcs_proxy.url, cdcs_template=cdcs_server.template_title)
+    assert chosen.export(context_for(record())).metadata["template"] == cdcs_server.template_id
+
+
+@cdcs
+def test_template_and_workspace_looked_up_once_by_concurrent_workers(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_proxy: SubPathProxy,
+) -> None:
+    dest = destination(cdcs_url=cdcs_proxy.url)
+    paths = [record(RECORDS[i % 2]) for i in range(6)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda p: dest.export(context_for(p)), paths))
+
+    assert all(r.success for r in results)
+    assert len({r.record_id for r in results}) == 6
+    assert cdcs_proxy.count("GET", TEMPLATES) == 1
+    assert cdcs_proxy.count("GET", WORKSPACES) == 1
+
+
+# -- no duplicates ---------------------------------------------------------------------
+
+
+@cdcs
+def test_second_export_of_same_content_reuses_the_record(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    cdcs_proxy: SubPathProxy,
+) -> None:
+    path = record()
+    dest = destination(cdcs_url=cdcs_proxy.url)
+
+    first = dest.export(context_for(path))
+    second = dest.export(context_for(path))
+
+    assert second.record_id == first.record_id
+    assert len(cdcs_server.client.records_titled(path.name.removesuffix(".xml"))) == 1
+    assert cdcs_proxy.count("POST", CREATE) == 1
+
+
+@cdcs
+def test_record_left_private_by_an_interrupted_attempt_is_found_and_published(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+) -> None:
+    path = record()
+    session = path.name.removesuffix(".xml")
+    # The earlier attempt died after CDCS created the record, before the assign.
+    orphan = CDCSClient(cdcs_server.url, cdcs_server.user_token).call(
+        "POST",
+        "rest/data/",
+        json={"template": cdcs_server.template_id, "title": session,
+              "xml_content": path.read_bytes().decode()},
+    )  # fmt: skip
+    assert orphan["workspace"] is None
+
+    result = destination().export(context_for(path))
+
+    assert result.record_id == str(orphan["id"])
+    assert len(cdcs_server.client.records_titled(session)) == 1
+    assert cdcs_server.client.record(orphan["id"])["workspace"] == (
+        cdcs_server.client.public_workspace()
+    )
+
+
+@cdcs
+def test_changed_content_under_the_same_title_is_a_new_record(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+) -> None:
+    path = record()
+    dest = destination()
+    first = dest.export(context_for(path))
+    path.write_bytes(path.read_bytes().replace(b"</Experiment>", b"<!-- v2 --></Experiment>"))
+
+    second = dest.export(context_for(path))
+
+    assert second.record_id != first.record_id
+    assert len(cdcs_server.client.records_titled(path.name.removesuffix(".xml"))) == 2
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+@cdcs
+def test_schema_invalid_record_is_permanent_and_sent_once(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_proxy: SubPathProxy,
+    make_settings: MakeSettings,
+    drop: Path,
+) -> None:
+    path = record("example_record_curation.xml")
+    path.write_bytes(path.read_bytes().replace(b"<project>", b"<bogus/><project>", 1))
+    settings = make_settings(retry_max_time=30)  # a transient error would be retried
+    dest = destination(cdcs_url=cdcs_proxy.url)
+    store = Store(settings.database_url)
+    try:
+        report = Pipeline(settings, [dest], store).export_file(path)
+    finally:
+        store.close()
+
+    assert report.outcome is Outcome.FAILED
+    (result,) = report.results
+    assert not result.success
+    assert result.attempts == 1
+    assert "bogus" in (result.error_message or "")
+    assert "not expected" in (result.error_message or "")
+    assert cdcs_proxy.count("POST", CREATE) == 1
+    assert (drop / "failed" / path.name).is_file()
+
+
+@cdcs
+def test_schema_invalid_record_raises_permanent_error(
+    destination: Callable[..., CDCSDestination], record: Callable[..., Path]
+) -> None:
+    path = record("example_record_curation.xml")
+    path.write_bytes(path.read_bytes().replace(b"<project>", b"<bogus/><project>", 1))
+    with pytest.raises(PermanentError, match="rejected the record") as caught:
+        destination().export(context_for(path))
+    assert caught.value.status_code == 500
+
+
+@cdcs
+def test_bad_token_fails_clearly_without_showing_it(
+    destination: Callable[..., CDCSDestination], record: Callable[..., Path]
+) -> None:
+    token = "0123456789abcdef0123456789abcdef" + uuid.uuid4().hex[:8]
+    dest = destination(cdcs_token=token)
+
+    with pytest.raises(PermanentError) as caught:
+        dest.export(context_for(record()))
+    assert caught.value.status_code == 403
+    assert "NX_CDCS_TOKEN" in str(caught.value)
+    assert token not in str(caught.value)
+
+    ok, reason = dest.validate_config()
+    assert not ok
+    assert reason is not None
+    assert "NX_CDCS_TOKEN" in reason
+    assert token not in reason
+
+
+@cdcs
+def test_user_without_publish_right_fails_instead_of_a_private_record(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+) -> None:
+    path = record()
+    dest = destination(cdcs_token=cdcs_server.user_without_publish_right())
+
+    with pytest.raises(PermanentError, match="NOT published") as caught:
+        dest.export(context_for(path))
+    assert caught.value.status_code == 403
+    assert "rights to publish" in str(caught.value)
+
+
+@cdcs
+def test_transient_assign_failure_is_retried_onto_the_same_record(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    cdcs_proxy: SubPathProxy,
+) -> None:
+    path = record()
+    dest = destination(cdcs_url=cdcs_proxy.url)
+    cdcs_proxy.answer("PATCH", r"/assign/", 503, {"message": "maintenance"})
+
+    with pytest.raises(TransientError, match="NOT published"):
+        dest.export(context_for(path))
+    cdcs_proxy.canned.clear()
+    result = dest.export(context_for(path))  # what the pipeline's retry does
+
+    assert len(cdcs_server.client.records_titled(path.name.removesuffix(".xml"))) == 1
+    assert cdcs_server.client.record(str(result.record_id))["workspace"] == (
+        cdcs_server.client.public_workspace()
+    )
+
+
+# -- validate_config and configure -----------------------------------------------------
+
+
+@cdcs
+def test_validate_config_reaches_the_server(
+    destination: Callable[..., CDCSDestination], cdcs_proxy: SubPathProxy
+) -> None:
+    assert destination(cdcs_url=cdcs_proxy.url).validate_config() == (True, None)
+    assert cdcs_proxy.count("GET", TEMPLATES) == 1
+    assert cdcs_proxy.count("GET", WORKSPACES) == 1
+
+
+def test_validate_config_unreachable(make_settings: MakeSettings) -> None:
+    dest = CDCSDestination()
+    dest.configure(
+        make_settings(cdcs_url=f"http://127.0.0.1:{_closed_port()}/", cdcs_token="t" * 40)
+    )
+    ok, reason = dest.validate_config()
+    assert not ok
+    assert "cannot connect" in (reason or "")
+
+
+def test_enabled_only_with_url_and_token(make_settings: MakeSettings) -> None:
+    for values, enabled in [
+        ({}, False),
+        ({"cdcs_url": "https://cdcs.example.org/"}, False),
+        ({"cdcs_token": "secret"}, False),
+        ({"cdcs_url": "https://cdcs.example.org/", "cdcs_token": "secret"}, True),
+    ]:
+        dest = CDCSDestination()
+        dest.configure(make_settings(**values))
+        assert dest.enabled is enabled, values
+        assert (dest.name, dest.priority) == ("cdcs", 100)
+
+
+def test_configure_does_not_contact_the_server(make_settings: MakeSettings) -> None:
+    # 192.0.2.0/24 is TEST-NET: a connection attempt there would hang until the timeout.
+    started = time.monotonic()
+    CDCSDestination().configure(
+        make_settings(cdcs_url="http://192.0.2.1/cdcs/", cdcs_token="t", http_timeout=30)
+    )
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("url", ["ftp://cdcs.example.org/", "cdcs.example.org", "http://"])
+def test_invalid_url_is_a_config_error(make_settings: MakeSettings, url: str) -> None:
+    with pytest.raises(ConfigError, match="NX_CDCS_URL"):
+        CDCSDestination().configure(make_settings(cdcs_url=url, cdcs_token="t"))
+
+
+# -- reconcile -------------------------------------------------------------------------
+
+
+@cdcs
+def test_reconcile_reuses_the_record_or_exports_anew_if_deleted(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+) -> None:
+    path = record()
+    dest = destination()
+    earlier = dest.export(context_for(path))
+
+    again = dest.reconcile(context_for(path), earlier)
+    assert again.record_id == earlier.record_id
+    assert again.record_url == earlier.record_url
+
+    cdcs_server.client.call("DELETE", f"rest/data/{earlier.record_id}/")
+    anew = dest.reconcile(context_for(path), earlier)
+    assert anew.record_id != earlier.record_id
+    assert cdcs_server.client.record(str(anew.record_id))["xml_content"].encode() == (
+        path.read_bytes()
+    )
+
+
+@cdcs
+def test_redrop_through_the_pipeline_does_not_publish_twice(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    make_settings: MakeSettings,
+    drop: Path,
+) -> None:
+    path = record()
+    session = path.name.removesuffix(".xml")
+    settings = make_settings()
+    store = Store(settings.database_url)
+    try:
+        pipeline = Pipeline(settings, [destination()], store)
+        first = pipeline.export_file(path)
+        (drop / "uploaded" / path.name).rename(path)  # the operator drops it again
+        second = pipeline.export_file(path)
+    finally:
+        store.close()
+
+    assert first.outcome is second.outcome is Outcome.EXPORTED
+    assert second.results[0].record_id == first.results[0].record_id
+    assert second.results[0].metadata.get("reused_from") is not None  # reconcile, not export
+    assert len(cdcs_server.client.records_titled(session)) == 1
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
