@@ -1,0 +1,538 @@
+"""The eLabFTW destination against a stateful fake eLabFTW and the Prism mock of the spec."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from collections.abc import Callable
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from nxdrop.destinations.base import ExportContext, ExportResult
+from nxdrop.destinations.elabftw import ELabFTWDestination
+from nxdrop.exceptions import ConfigError, PermanentError, TransientError
+from nxdrop.pipeline import Outcome, Pipeline
+from nxdrop.records import RecordReader
+from nxdrop.settings import Settings, Strategy
+from nxdrop.store import Store
+from tests.fixtures.elabftw_fake import FakeELabFTW, Prism
+
+SESSION = "2018-11-13_FEI-Titan-TEM_204"
+CDCS_URL = "https://cdcs.example.org/data?id=65a1&x=1"
+
+
+@pytest.fixture
+def destination(
+    elabftw_fake: FakeELabFTW, make_settings: Callable[..., Settings]
+) -> Callable[..., ELabFTWDestination]:
+    """An eLabFTW destination configured for the fake; keywords override the settings."""
+
+    def make(**overrides: Any) -> ELabFTWDestination:
+        values = {"elabftw_url": elabftw_fake.url, "elabftw_api_key": elabftw_fake.api_key}
+        dest = ELabFTWDestination()
+        dest.configure(make_settings(**(values | overrides)))
+        return dest
+
+    return make
+
+
+def context_for(path: Path, cdcs_url: str | None = None) -> ExportContext:
+    """The context the pipeline builds, with a successful CDCS result if ``cdcs_url``."""
+    context = ExportContext.for_record(RecordReader(10**8).read(path))
+    if cdcs_url is not None:
+        context.previous_results["cdcs"] = ExportResult(True, "cdcs", "65a1", cdcs_url)
+    return context
+
+
+class Tags(HTMLParser):
+    """The elements and link targets of an HTML fragment, as a browser would see them."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+        self.hrefs: list[str | None] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.hrefs += [v for k, v in attrs if k == "href"]
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def test_enabled_only_with_url_and_key(make_settings: Callable[..., Settings]) -> None:
+    for values in ({}, {"elabftw_url": "https://elab.example.org/"}, {"elabftw_api_key": "k"}):
+        dest = ELabFTWDestination()
+        dest.configure(make_settings(**values))
+        assert not dest.enabled
+        assert dest.disabled_reason is not None
+        assert "NX_ELABFTW_URL" in dest.disabled_reason
+        assert dest.validate_config()[0] is False
+
+
+@pytest.mark.parametrize("url", ["elab.example.org", "ftp://elab.example.org/", "https://h/?x=1"])
+def test_invalid_url_names_the_variable(url: str, make_settings: Callable[..., Settings]) -> None:
+    with pytest.raises(ConfigError, match="NX_ELABFTW_URL"):
+        ELabFTWDestination().configure(make_settings(elabftw_url=url, elabftw_api_key="k"))
+
+
+def test_configure_does_not_touch_the_network(
+    elabftw_fake: FakeELabFTW, destination: Callable[..., ELabFTWDestination]
+) -> None:
+    assert destination(elabftw_experiment_category="Microscopy").enabled
+    assert elabftw_fake.requests == []
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def test_export_makes_one_complete_experiment(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    path = place(name=f"{SESSION}.xml")
+    dest = destination(
+        elabftw_experiment_category="microscopy",  # a title, past the default page of 15
+        elabftw_experiment_status="2",  # an id
+    )
+    result = dest.export(context_for(path, CDCS_URL))
+
+    assert list(elabftw_fake.experiments) == [1]
+    exp = elabftw_fake.experiments[1]
+    assert exp["title"] == f"Test record with a multi-dataset file ({SESSION})"
+    assert (exp["category"], exp["status"], exp["content_type"]) == (20, 2, 1)
+    assert exp["tags"] == ["NexusLIMS", "FEI-Titan-TEM", "Ned Land (ned)"]
+    sha = context_for(path).record.sha256  # type: ignore[union-attr]
+    for text in (SESSION, "FEI-Titan-TEM", "Ned Land (ned)", "2018-11-13T10:00:00-07:00", sha):
+        assert text in exp["body"]
+    body = Tags(exp["body"])
+    assert body.hrefs == [CDCS_URL]  # the parser unescapes &amp; back
+    assert 'href="https://cdcs.example.org/data?id=65a1&amp;x=1"' in exp["body"]
+
+    metadata = json.loads(exp["metadata"])
+    fields = metadata["extra_fields"]
+    assert {k: (v["type"], v["value"]) for k, v in fields.items()} == {
+        "Session": ("text", SESSION),
+        "Instrument": ("text", "FEI-Titan-TEM"),
+        "User": ("text", "Ned Land (ned)"),
+        "Start": ("datetime-local", "2018-11-13T10:00"),
+        "End": ("datetime-local", "2018-11-13T15:00"),
+        "SHA-256": ("text", sha),
+        "CDCS record": ("url", CDCS_URL),
+    }
+    assert {f["group_id"] for f in fields.values()} == {1}
+    assert metadata["elabftw"]["extra_fields_groups"] == [{"id": 1, "name": "NexusLIMS"}]
+
+    [upload] = exp["uploads"]
+    assert upload["content"] == path.read_bytes()  # byte for byte, CRLF and all
+    assert b"\r\n" in upload["content"]
+    assert (upload["real_name"], upload["content_type"]) == (f"{SESSION}.xml", "application/xml")
+    assert SESSION in upload["comment"]
+
+    assert result.success
+    assert result.destination_name == "elabftw"
+    assert result.record_id == "1"
+    assert result.record_url == f"{elabftw_fake.url}experiments.php?mode=view&id=1"
+    assert result.metadata == {"upload_id": 1, "cdcs_url": CDCS_URL}
+    assert {r.headers["authorization"] for r in elabftw_fake.requests} == {elabftw_fake.api_key}
+    [listing] = elabftw_fake.calls("GET", "teams/3/experiments_categories")  # team of users/me
+    assert int(listing.query["limit"][0]) > 15
+    assert not elabftw_fake.calls("GET", "teams/.*/experiments_status")  # "2" is an id
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/elab", "/elab/", "/a/b/"])
+def test_record_url_and_id_from_location(
+    suffix: str,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    for n in range(1, 5):  # someone else's experiments: the new one is 5
+        elabftw_fake.experiments[n] = {"id": n, "title": "other", "body": "", "state": 1}
+    site = elabftw_fake.url.rstrip("/") + suffix
+    result = destination(elabftw_url=site).export(context_for(place(name=f"{SESSION}.xml")))
+
+    create = elabftw_fake.calls("POST", "experiments")[0]
+    assert create.status == 201
+    assert result.record_id == "5"  # from Location, whose host is not the one we called
+    root = elabftw_fake.url.rstrip("/") + suffix.rstrip("/")
+    assert result.record_url == f"{root}/experiments.php?mode=view&id=5"
+    assert {r.raw_path.split("/api/v2/")[0] for r in elabftw_fake.requests} == {suffix.rstrip("/")}
+
+
+def test_hostile_record_is_escaped_in_the_body(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    path = place(name=f"{SESSION}.xml")
+    evil = '<script>alert("x")</script> & "q"'
+    xml_evil = evil.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    content = path.read_bytes()
+    content = content.replace(b"Test record with a multi-dataset file", xml_evil.encode())
+    content = content.replace(b"Ned Land (ned)", xml_evil.encode())
+    path.write_bytes(content)
+    cdcs = 'https://cdcs.example.org/data?id=1"><script>alert(1)</script>'
+
+    destination().export(context_for(path, cdcs))
+
+    exp = elabftw_fake.experiments[1]
+    body = Tags(exp["body"])
+    assert "script" not in body.tags
+    assert body.tags <= {"p", "code", "table", "tbody", "tr", "th", "td", "a"}
+    assert body.hrefs == [cdcs]  # one attribute, quotes escaped, not broken out of
+    assert "<script" not in exp["body"]
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &quot;q&quot;" in exp["body"]
+    # Title, tags and extra fields are plain text (JSON); eLabFTW escapes them when shown.
+    assert exp["title"] == f"{evil} ({SESSION})"
+    assert evil in exp["tags"]
+
+
+def test_javascript_cdcs_url_is_not_a_link(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    url = "javascript:alert(document.cookie)"
+    destination().export(context_for(place(name=f"{SESSION}.xml"), url))
+    exp = elabftw_fake.experiments[1]
+    assert Tags(exp["body"]).hrefs == []
+    assert url in exp["body"]
+    assert json.loads(exp["metadata"])["extra_fields"]["CDCS record"]["type"] == "text"
+
+
+def test_bad_key_fails_clearly_without_the_key(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    key = "3-wrong-secret-key-0123456789"
+    dest = destination(elabftw_api_key=key)
+    with pytest.raises(PermanentError) as caught:
+        dest.export(context_for(place(name=f"{SESSION}.xml")))
+    assert caught.value.status_code == 401
+    assert "HTTP 401" in str(caught.value)
+    assert key not in str(caught.value)
+    ok, reason = dest.validate_config()
+    assert not ok
+    assert reason is not None
+    assert "401" in reason
+    assert key not in reason
+    assert elabftw_fake.experiments == {}
+
+
+def test_key_echoed_by_a_proxy_is_scrubbed(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination()
+    original = elabftw_fake.handle
+    elabftw_fake.handle = lambda req: (  # type: ignore[method-assign]
+        (400, {}, {"message": f"bad header {req.headers['authorization']}"})
+        if req.method == "POST"
+        else original(req)
+    )
+    with pytest.raises(PermanentError) as caught:
+        dest.export(context_for(place(name=f"{SESSION}.xml")))
+    assert elabftw_fake.api_key not in str(caught.value)
+    assert "***" in str(caught.value)
+
+
+@pytest.mark.parametrize("lost_reply", [False, True], ids=["refused", "reply-lost"])
+def test_transient_503_then_retry_makes_no_duplicate(
+    lost_reply: bool,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination()
+    context = context_for(place(name=f"{SESSION}.xml"))
+    elabftw_fake.fail_next("POST", "experiments", 503, after=lost_reply)
+    with pytest.raises(TransientError):
+        dest.export(context)
+    assert len(elabftw_fake.experiments) == int(lost_reply)
+
+    result = dest.export(context)
+    assert result.success
+    assert list(elabftw_fake.experiments) == [1]
+    assert len(elabftw_fake.experiments[1]["uploads"]) == 1
+    assert len(elabftw_fake.calls("POST", "experiments")) == 1 + int(not lost_reply)
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_upload_failure_then_retry_keeps_one_experiment(
+    status: int,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination()
+    context = context_for(place(name=f"{SESSION}.xml"), CDCS_URL)
+    elabftw_fake.fail_next("POST", "experiments/1/uploads", status)
+    with pytest.raises(TransientError if status == 503 else PermanentError):
+        dest.export(context)
+    assert elabftw_fake.experiments[1]["uploads"] == []
+
+    result = dest.export(context)  # the pipeline's retry, or the operator's
+    assert list(elabftw_fake.experiments) == [1]
+    assert len(elabftw_fake.experiments[1]["uploads"]) == 1
+    assert (result.record_id, result.metadata["upload_id"]) == ("1", 1)
+    assert not elabftw_fake.calls("PATCH", ".*")  # the link was there from the start
+
+
+def test_pipeline_retries_transient_failures(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_settings: Callable[..., Settings],
+    place: Callable[..., Path],
+) -> None:
+    settings = make_settings(retry_max_time=30)
+    path = place(name=f"{SESSION}.xml")
+    elabftw_fake.fail_next("POST", "experiments", 504, after=True)
+    elabftw_fake.fail_next("POST", "experiments/1/uploads", 503, times=2)
+    report = Pipeline(settings, [destination()], Store(settings.database_url)).export_file(path)
+    assert report.outcome is Outcome.EXPORTED, report.error
+    [result] = report.results
+    assert (result.success, result.record_id, result.attempts) == (True, "1", 4)
+    assert list(elabftw_fake.experiments) == [1]
+    assert len(elabftw_fake.experiments[1]["uploads"]) == 1
+
+
+def test_an_experiment_found_by_search_must_carry_the_hash(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    context = context_for(place(name=f"{SESSION}.xml"))
+    sha = context.record.sha256  # type: ignore[union-attr]
+    elabftw_fake.experiments[1] = {
+        "id": 1,
+        "title": "notes",
+        "body": f"<p>compare with {sha}</p>",  # mentions the hash, is not ours
+        "metadata": None,
+        "tags": [],
+        "uploads": [],
+        "state": 1,
+    }
+    assert destination().export(context).record_id == "2"
+
+
+# -- category, status, team ------------------------------------------------------------
+
+
+def test_titles_resolved_once_and_unknown_titles_listed(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination(
+        elabftw_experiment_category="Default",
+        elabftw_experiment_status="SUCCESS",
+        elabftw_team="3",
+    )
+    for n in range(3):  # three different records
+        path = place(name=f"{SESSION}_{n}.xml")
+        path.write_bytes(path.read_bytes() + f"<!-- {n} -->".encode())
+        dest.export(context_for(path))
+    assert [e["category"] for e in elabftw_fake.experiments.values()] == [1, 1, 1]
+    assert [e["status"] for e in elabftw_fake.experiments.values()] == [2, 2, 2]
+    assert len(elabftw_fake.calls("GET", "teams/3/experiments_.*")) == 2  # cached
+    assert not elabftw_fake.calls("GET", "users/me")  # the team was given as an id
+
+    ok, reason = destination(elabftw_experiment_status="Finished").validate_config()
+    assert not ok
+    assert reason is not None
+    assert "NX_ELABFTW_EXPERIMENT_STATUS='Finished'" in reason
+    assert "'Running', 'Success', 'Need to be redone'" in reason
+
+
+def test_team_current_needs_an_answer_from_users_me(
+    elabftw_fake: FakeELabFTW, destination: Callable[..., ELabFTWDestination]
+) -> None:
+    elabftw_fake.user = {"userid": 7, "teams": [{"id": 3}, {"id": 4}]}  # which one?
+    ok, reason = destination(elabftw_experiment_category="Default").validate_config()
+    assert not ok
+    assert reason is not None
+    assert "NX_ELABFTW_TEAM" in reason
+    elabftw_fake.user = {"userid": 7, "teams": [{"id": 3}]}
+    assert destination(elabftw_experiment_category="Default").validate_config() == (True, None)
+
+
+def test_validate_config(
+    elabftw_fake: FakeELabFTW, destination: Callable[..., ELabFTWDestination]
+) -> None:
+    assert destination(elabftw_experiment_category="Microscopy").validate_config() == (True, None)
+    assert elabftw_fake.calls("GET", "users/me")
+    elabftw_fake.fail_next("GET", "users/me", 500)
+    ok, reason = destination().validate_config()
+    assert not ok
+    assert reason is not None
+    assert "500" in reason
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    ok, reason = destination(elabftw_url=closed).validate_config()
+    assert not ok
+    assert reason is not None
+    assert "cannot connect" in reason
+
+
+# -- reconcile ---------------------------------------------------------------------------
+
+
+def test_reconcile_adds_the_cdcs_link_to_the_experiment(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination()
+    path = place(name=f"{SESSION}.xml")
+    earlier = dest.export(context_for(path))  # CDCS failed the first time
+    assert earlier.metadata["cdcs_url"] is None
+    assert Tags(elabftw_fake.experiments[1]["body"]).hrefs == []
+
+    assert dest.reconcile(context_for(path), earlier) is earlier  # still no CDCS: nothing to do
+    updated = dest.reconcile(context_for(path, CDCS_URL), earlier)
+
+    assert list(elabftw_fake.experiments) == [1]
+    exp = elabftw_fake.experiments[1]
+    assert Tags(exp["body"]).hrefs == [CDCS_URL]
+    assert SESSION in exp["body"]  # the table is still there
+    fields = json.loads(exp["metadata"])["extra_fields"]
+    assert fields["CDCS record"]["value"] == CDCS_URL
+    assert fields["Session"]["value"] == SESSION  # the other fields are kept
+    assert (updated.success, updated.record_id, updated.record_url) == (
+        True,
+        "1",
+        earlier.record_url,
+    )
+    assert updated.metadata == {"upload_id": 1, "cdcs_url": CDCS_URL}
+
+    before = len(elabftw_fake.requests)
+    assert dest.reconcile(context_for(path, CDCS_URL), updated) is updated  # already linked
+    assert len(elabftw_fake.requests) == before
+
+
+class FlakyCDCS:
+    """A stand-in CDCS that fails until told otherwise."""
+
+    name, priority, enabled = "cdcs", 100, True
+
+    def __init__(self) -> None:
+        self.up = False
+
+    def validate_config(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def export(self, context: ExportContext) -> ExportResult:
+        if not self.up:
+            return ExportResult(False, "cdcs", error_message="CDCS is down")
+        return ExportResult(True, "cdcs", "65a1", CDCS_URL)
+
+
+def test_redrop_after_cdcs_failure_links_the_existing_experiment(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_settings: Callable[..., Settings],
+    place: Callable[..., Path],
+    drop: Path,
+) -> None:
+    settings = make_settings(export_strategy=Strategy.ALL)
+    cdcs = FlakyCDCS()
+    pipeline = Pipeline(settings, [cdcs, destination()], Store(settings.database_url))
+    path = place(name=f"{SESSION}.xml")
+    assert pipeline.export_file(path).outcome is Outcome.FAILED  # CDCS down, eLabFTW made it
+
+    cdcs.up = True
+    [failed] = (drop / "failed").glob("*.xml")
+    shutil.move(failed, path)  # the operator's retry
+    report = pipeline.export_file(path)
+
+    assert report.outcome is Outcome.EXPORTED, report.error
+    assert list(elabftw_fake.experiments) == [1]
+    assert Tags(elabftw_fake.experiments[1]["body"]).hrefs == [CDCS_URL]
+    assert report.results[1].metadata["cdcs_url"] == CDCS_URL
+    assert len(elabftw_fake.calls("PATCH", "experiments/1")) == 1
+
+
+# -- the Prism mock of the spec ---------------------------------------------------------
+
+
+def violations(response: requests.Response) -> list[dict[str, Any]]:
+    """What Prism found wrong with the request that got ``response``."""
+    header = response.headers.get("sl-violations")
+    return json.loads(header) if header else []
+
+
+@pytest.fixture
+def prism_destination(
+    elabftw_prism: Prism, make_settings: Callable[..., Settings]
+) -> tuple[ELabFTWDestination, list[requests.Response]]:
+    """A destination pointed at Prism, and every response it gets."""
+    dest = ELabFTWDestination()
+    dest.configure(
+        make_settings(
+            elabftw_url=elabftw_prism.url,
+            elabftw_api_key="3-0123456789abcdef",
+            elabftw_experiment_category="STRING",  # Prism's placeholder title
+            elabftw_experiment_status="1",
+            elabftw_team="1",  # the spec's users/me has no team field
+        )
+    )
+    seen: list[requests.Response] = []
+    assert dest._client is not None
+    dest._client.session.hooks["response"].append(lambda r, *a, **k: seen.append(r))
+    return dest, seen
+
+
+@pytest.mark.prism
+def test_prism_accepts_what_export_sends(
+    prism_destination: tuple[ELabFTWDestination, list[requests.Response]],
+    place: Callable[..., Path],
+) -> None:
+    dest, seen = prism_destination
+    assert dest.validate_config() == (True, None)
+    result = dest.export(context_for(place(name=f"{SESSION}.xml"), CDCS_URL))
+
+    assert result.record_id == "42"
+    assert result.metadata["upload_id"] == 42
+    calls = {(r.request.method, r.request.path_url.split("?")[0]) for r in seen}
+    assert calls >= {
+        ("GET", "/api/v2/users/me"),
+        ("GET", "/api/v2/teams/1/experiments_categories"),
+        ("GET", "/api/v2/experiments"),
+        ("POST", "/api/v2/experiments"),
+        ("POST", "/api/v2/experiments/42/uploads"),
+    }
+    assert [(r.request.path_url, violations(r)) for r in seen if violations(r)] == []
+
+
+@pytest.mark.prism
+def test_prism_patch_differs_from_the_server_only_in_metadata_type(
+    prism_destination: tuple[ELabFTWDestination, list[requests.Response]],
+    place: Callable[..., Path],
+) -> None:
+    """The real server wants PATCH metadata as a JSON string; the spec (Prism) an object."""
+    dest, seen = prism_destination
+    earlier = ExportResult(True, "elabftw", "42", metadata={"cdcs_url": None})
+    with pytest.raises(PermanentError, match="422"):
+        dest.reconcile(context_for(place(name=f"{SESSION}.xml"), CDCS_URL), earlier)
+    get, patch = seen[-2:]
+    assert (get.request.method, violations(get)) == ("GET", [])
+    found = violations(patch)
+    ours = [v for v in found if v["code"] not in ("anyOf", "required")]  # the other anyOf arm
+    assert [(v["location"], v["code"]) for v in ours] == [(["request", "body", "metadata"], "type")]
+    # The same PATCH with metadata as an object is what the spec wants: accepted.
+    sent = json.loads(patch.request.body or b"{}")
+    sent["metadata"] = json.loads(sent["metadata"])
+    assert dest._client is not None
+    again = dest._client.session.patch(str(patch.request.url), json=sent, timeout=10)
+    assert (again.status_code, violations(again)) == (200, [])
