@@ -15,6 +15,7 @@ from nxdrop.settings import Settings, load_settings
 pytest_plugins = [
     "tests.fixtures.cdcs_server",
     "tests.fixtures.elabftw_fake",
+    "tests.fixtures.plugins",
 ]
 
 REPO = Path(__file__).resolve().parent.parent

@@ -37,23 +37,39 @@ RAISING_PLUGIN = """
 def nxdrop(tmp_path: Path, drop: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     """Run ``python -m nxdrop ARGS`` with a state folder, a drop folder and an archive."""
     site = tmp_path / "site"
-    install_plugin(site, "nx_raising", RAISING_PLUGIN,
-                   {"raising": "nx_raising:Raising", "broken": "nx_raising:Broken"})
+    install_plugin(
+        site,
+        "nx_raising",
+        RAISING_PLUGIN,
+        {"raising": "nx_raising:Raising", "broken": "nx_raising:Broken"},
+    )
 
     def run(*args: str, plugin: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
-        base = env_with_path(site) if plugin else {
-            k: v for k, v in os.environ.items() if not k.startswith("NX_")}
-        base |= {"NX_DATA_PATH": str(tmp_path / "state"), "NX_DROP_PATH": str(drop),
-                 "NX_ARCHIVE_PATH": str(tmp_path / "archive"), "NX_RETRY_MAX_TIME": "0"}
+        base = (
+            env_with_path(site)
+            if plugin
+            else {k: v for k, v in os.environ.items() if not k.startswith("NX_")}
+        )
+        base |= {
+            "NX_DATA_PATH": str(tmp_path / "state"),
+            "NX_DROP_PATH": str(drop),
+            "NX_ARCHIVE_PATH": str(tmp_path / "archive"),
+            "NX_RETRY_MAX_TIME": "0",
+        }
         base |= env
-        return subprocess.run([sys.executable, "-m", "nxdrop", *args], env=base,
-                              capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "nxdrop", *args],
+            env=base,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     return run
 
 
-def test_version_and_usage_errors(nxdrop: Callable[..., subprocess.CompletedProcess[str]]
-                                  ) -> None:
+def test_version_and_usage_errors(nxdrop: Callable[..., subprocess.CompletedProcess[str]]) -> None:
     assert nxdrop("--version").stdout.startswith("nxdrop ")
     assert nxdrop().returncode == 2
     assert nxdrop("frobnicate").returncode == 2
@@ -62,7 +78,7 @@ def test_version_and_usage_errors(nxdrop: Callable[..., subprocess.CompletedProc
 
 
 def test_configuration_error_names_the_variable(
-    nxdrop: Callable[..., subprocess.CompletedProcess[str]]
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
     result = nxdrop("run", "--once", NX_WORKERS="many")
     assert result.returncode == 2
@@ -80,8 +96,9 @@ def test_no_destination_enabled_is_a_configuration_error(
     assert record.exists()  # nothing moved
 
 
-def test_export_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
-                           place: Callable[..., Path], drop: Path) -> None:
+def test_export_exit_codes(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], place: Callable[..., Path], drop: Path
+) -> None:
     good = place()
     assert nxdrop("export", str(good)).returncode == 0
     assert (drop / "uploaded" / good.name).exists()
@@ -94,14 +111,17 @@ def test_export_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str
     assert (drop / "failed" / "bad.xml.error.json").exists()
 
 
-def test_run_once_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
-                             place: Callable[..., Path], drop: Path) -> None:
+def test_run_once_exit_codes(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], place: Callable[..., Path], drop: Path
+) -> None:
     place()
     place("example_record_curation.xml")
     result = nxdrop("run", "--once")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (drop / "uploaded").iterdir()) == [
-        "example_record.xml", "example_record_curation.xml"]
+        "example_record.xml",
+        "example_record_curation.xml",
+    ]
     assert nxdrop("run", "--once").returncode == 0  # nothing to do is fine
 
     (drop / "bad.xml").write_text("")
@@ -109,7 +129,8 @@ def test_run_once_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[s
 
 
 def test_raising_plugin_is_a_failed_destination_not_a_crash(
-    nxdrop: Callable[..., subprocess.CompletedProcess[str]], place: Callable[..., Path],
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]],
+    place: Callable[..., Path],
     drop: Path,
 ) -> None:
     record = place()
@@ -126,22 +147,27 @@ def test_raising_plugin_is_a_failed_destination_not_a_crash(
 
 
 def test_destinations_lists_priority_order_and_why_off(
-    nxdrop: Callable[..., subprocess.CompletedProcess[str]]
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
     result = nxdrop("destinations", plugin=True)
     assert result.returncode == 0
     lines = result.stdout.splitlines()
     names = [line.split()[0] for line in lines]
-    assert names.index("raising") < names.index("cdcs") < names.index("elabftw") < \
-        names.index("archive")
+    assert (
+        names.index("raising")
+        < names.index("cdcs")
+        < names.index("elabftw")
+        < names.index("archive")
+    )
     text = {line.split()[0]: line for line in lines}
     assert "enabled" in text["archive"] and "plugin (nx_raising)" in text["raising"]
     assert "NX_CDCS_URL" in text["cdcs"]
     assert "frobnicate" in text["broken"]
 
 
-def test_check_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
-                          tmp_path: Path) -> None:
+def test_check_exit_codes(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     good = nxdrop("check")
     assert good.returncode == 0, good.stdout
     assert "✓ destination archive" in good.stdout
@@ -159,8 +185,9 @@ def test_check_exit_codes(nxdrop: Callable[..., subprocess.CompletedProcess[str]
     assert nxdrop("check", NX_HTTP_TIMEOUT="soon").returncode == 2
 
 
-def test_status_and_retry(nxdrop: Callable[..., subprocess.CompletedProcess[str]],
-                          place: Callable[..., Path], drop: Path) -> None:
+def test_status_and_retry(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], place: Callable[..., Path], drop: Path
+) -> None:
     assert "nothing logged" in nxdrop("status").stdout
     place()
     nxdrop("run", "--once", plugin=True)  # fails: the raising plugin
@@ -170,7 +197,9 @@ def test_status_and_retry(nxdrop: Callable[..., subprocess.CompletedProcess[str]
     assert "example_record" in table.stdout and "BUILT_NOT_EXPORTED" in table.stdout
     rows = json.loads(nxdrop("status", "example_record", "--json").stdout)
     assert {r["destination_name"]: r["success"] for r in rows} == {
-        "raising": False, "archive": True}
+        "raising": False,
+        "archive": True,
+    }
 
     assert nxdrop("retry", "--all").returncode == 0
     assert (drop / "example_record.xml").exists()

@@ -2,87 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from nxdrop.settings import load_settings
 from tests.conftest import REPO
-from tests.fixtures.plugins import env_with_path
-
-
-class Webhook(ThreadingHTTPServer):
-    """Keeps every JSON body posted to it; answers 503 to the first ``failures`` posts."""
-
-    def __init__(self, failures: int = 0) -> None:
-        self.posts: list[dict[str, Any]] = []
-        self.failures = failures
-        self.lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(handler) -> None:  # `self` is the server here
-                body = handler.rfile.read(int(handler.headers["Content-Length"]))
-                with self.lock:
-                    failing = self.failures > 0
-                    self.failures -= failing
-                    if not failing:
-                        self.posts.append(json.loads(body))
-                handler.send_response(503 if failing else 202)
-                handler.send_header("Content-Length", "0")
-                handler.send_header("X-Request-Id", f"req-{len(self.posts)}")
-                handler.end_headers()
-
-            def log_message(handler, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/hook"
-
-
-@pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    server = Webhook(failures=1)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def webhook_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip install` of examples/nxdrop-webhook into a folder, as a user would install it."""
-    target = tmp_path_factory.mktemp("site")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--target",
-            str(target),
-            str(REPO / "examples" / "nxdrop-webhook"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return target
+from tests.fixtures.plugins import Webhook, env_with_path
 
 
 def test_webhook_plugin_installs_and_receives_records(

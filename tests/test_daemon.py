@@ -1,0 +1,641 @@
+"""The daemon: a real ``python -m nxdrop run`` on real folders, real inotify, real signals.
+
+The destination of the subprocess tests is ``tests/plugins/slowdest``, a plugin found
+through its entry point on ``PYTHONPATH``: it logs every call and waits for a gate file.
+A few cases (a crashing handler, events the kernel dropped, the queue bounds) drive
+:class:`Daemon` in-process, where its observer and queues can be reached.
+
+Every wait polls for a condition up to a deadline; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pty
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from nxdrop.app import App
+from nxdrop.daemon import Daemon
+from nxdrop.destinations import ExportContext, ExportResult
+from nxdrop.pipeline import Outcome, Pipeline
+from nxdrop.settings import Settings
+from nxdrop.store import Store
+from nxdrop.systemd import Notifier
+from nxdrop.watcher import OVERFLOW_LOGGER, Kind, Sighting
+from tests.test_watcher import Crasher
+
+PLUGIN = Path(__file__).resolve().parent / "plugins" / "slowdest"
+DEADLINE = 30.0
+OBSERVERS = ["inotify", "polling"]
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
+    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def record(corpus: Path, n: int, name: str = "example_record_curation.xml") -> bytes:
+    """A valid record whose bytes (and so SHA-256) are its own: a comment tells them apart."""
+    head, rest = (corpus / name).read_bytes().split(b"\n", 1)
+    return head + f"\n<!-- copy {n} -->\n".encode() + rest
+
+
+def xml_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.glob("*.xml")}
+
+
+class NotifySocket:
+    """The service manager's end of ``sd_notify``: a datagram socket in a short tmp path."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="nxn")  # AF_UNIX paths must be short
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.lines: list[str] = []
+
+    def wait_for(self, predicate: Callable[[str], bool], what: str) -> str:
+        """The first line (received so far or later) that satisfies ``predicate``."""
+        deadline = time.monotonic() + DEADLINE
+        checked = 0
+        while True:
+            for line in self.lines[checked:]:
+                if predicate(line):
+                    return line
+            checked = len(self.lines)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no sd_notify {what}; got {self.lines}")
+            self.sock.settimeout(left)
+            try:
+                self.lines += self.sock.recv(4096).decode().splitlines()
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Service:
+    """One ``nxdrop run`` subprocess and its folders."""
+
+    def __init__(self, root: Path, env: dict[str, str], notify: NotifySocket) -> None:
+        self.root, self.notify = root, notify
+        self.drop = Path(env["NX_DROP_PATH"])
+        self.uploaded, self.failed = self.drop / "uploaded", self.drop / "failed"
+        self.slow = Path(env["SLOWDEST_DIR"])
+        self.stderr_path = root / "stderr.log"
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "nxdrop", "run"], env=env, cwd=root, stderr=stderr
+            )
+
+    def ready(self) -> None:
+        self.notify.wait_for(lambda line: line == "READY=1", "READY=1")
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_log(self, text: str) -> None:
+        wait_until(lambda: text in self.log(), f"{text!r} in the log")
+
+    def calls(self, kind: str = "start") -> list[str]:
+        """The sessions the destination was called for (``start``) or finished (``done``)."""
+        try:
+            lines = (self.slow / "calls.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [line.split()[1] for line in lines if line.split()[0] == kind]
+
+    def open_gate(self) -> None:
+        (self.slow / "gate").touch()
+
+    def signal(self, signum: int) -> float:
+        self.proc.send_signal(signum)
+        return time.monotonic()
+
+    def wait_exit(self, timeout: float = DEADLINE) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def places(self, name: str) -> list[str]:
+        """Where ``name`` is: each record must be in exactly one of these."""
+        return [
+            where
+            for where, folder in (
+                ("drop", self.drop),
+                ("uploaded", self.uploaded),
+                ("failed", self.failed),
+            )
+            if (folder / name).exists()
+        ]
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Start ``nxdrop run`` with the slow destination; keywords are extra environment."""
+    started: list[Service] = []
+    sockets: list[NotifySocket] = []
+
+    def start(*, gate: bool = True, **extra: str) -> Service:
+        slow = tmp_path / "slow"
+        slow.mkdir(exist_ok=True)
+        if gate:
+            (slow / "gate").touch()
+        notify = NotifySocket()
+        sockets.append(notify)
+        keep = ("NX_", "SLOWDEST_", "NOTIFY_SOCKET", "WATCHDOG_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(keep)}
+        env.update(
+            NX_DATA_PATH=str(tmp_path / "state"),
+            NX_DROP_PATH=str(tmp_path / "drop"),
+            NX_OBSERVER="inotify",
+            NX_SETTLE_SECONDS="0.5",
+            NX_RESCAN_SECONDS="60",
+            NX_WORKERS="4",
+            NX_RETRY_MAX_TIME="0",
+            NX_STOP_TIMEOUT="20",
+            SLOWDEST_DIR=str(slow),
+            NOTIFY_SOCKET=notify.path,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGIN), env.get("PYTHONPATH")])),
+        )
+        env.update(extra)
+        svc = Service(tmp_path, env, notify)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        if svc.proc.poll() is None:
+            svc.proc.kill()
+            svc.proc.wait()
+        sys.stderr.write(f"--- nxdrop stderr ---\n{svc.log()}")  # shown when a test fails
+    for notify in sockets:
+        notify.close()
+
+
+# -- taking files ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+def test_files_present_at_start_are_taken(
+    service: Callable[..., Service], corpus: Path, tmp_path: Path, observer: str
+) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    names = [f"2024-01-0{i}_titan_{i}.xml" for i in range(1, 4)]
+    for i, name in enumerate(names):
+        (drop / name).write_bytes(record(corpus, i))
+    old = time.time() - 3600
+    os.utime(drop / names[0], (old, old))  # long there: taken without settling
+    svc = service(NX_OBSERVER=observer)
+    svc.ready()
+    wait_until(lambda: xml_names(svc.uploaded) == set(names), "all three in uploaded/")
+    assert sorted(svc.calls("done")) == sorted(n.removesuffix(".xml") for n in names)
+    assert xml_names(drop) == set()
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+def test_a_slow_writer_is_exported_whole_after_it_closes(
+    service: Callable[..., Service], corpus: Path, observer: str
+) -> None:
+    # Polling has no close event: the settle time must outlast the writer's pauses.
+    svc = service(NX_OBSERVER=observer, NX_SETTLE_SECONDS="0.5" if observer == "inotify" else "1")
+    svc.ready()
+    content = (corpus / "example_record.xml").read_bytes()
+    chunks = [content[i : i + 9200] for i in range(0, len(content), 9200)]
+    path = svc.drop / "slow.xml"
+    with path.open("wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+            fh.flush()
+            time.sleep(0.2)  # the writer's own pace: ten chunks over two seconds
+        assert svc.calls() == [], "taken before the writer closed it"
+    closed = time.monotonic()
+    wait_until(lambda: (svc.uploaded / "slow.xml").exists(), "slow.xml in uploaded/")
+    latency = time.monotonic() - closed
+    print(f"{observer}: close → uploaded/ in {latency:.3f} s")
+    assert (svc.uploaded / "slow.xml").read_bytes() == content
+    lines = (svc.slow / "calls.log").read_text().splitlines()
+    assert lines[0].split() == [
+        "start",
+        "slow",
+        hashlib.sha256(content).hexdigest(),
+        str(len(content)),
+    ]
+    assert svc.calls() == ["slow"]
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+def test_a_part_file_renamed_to_xml_is_taken(
+    service: Callable[..., Service], corpus: Path, observer: str
+) -> None:
+    svc = service(NX_OBSERVER=observer)
+    svc.ready()
+    part = svc.drop / "renamed.xml.part"
+    part.write_bytes(record(corpus, 1))
+    part.rename(svc.drop / "renamed.xml")
+    started = time.monotonic()
+    wait_until(lambda: (svc.uploaded / "renamed.xml").exists(), "renamed.xml in uploaded/")
+    print(f"{observer}: rename → uploaded/ in {time.monotonic() - started:.3f} s")
+    assert svc.calls() == ["renamed"]
+    assert set(os.listdir(svc.drop)) == {"uploaded", "failed"}
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+def test_files_copied_or_moved_in_from_another_folder_are_taken(
+    service: Callable[..., Service], corpus: Path, tmp_path: Path, observer: str
+) -> None:
+    svc = service(NX_OBSERVER=observer)
+    svc.ready()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "copied.xml").write_bytes(record(corpus, 1))
+    (elsewhere / "moved.xml").write_bytes(record(corpus, 2))
+    shutil.copy(elsewhere / "copied.xml", svc.drop / "copied.xml")
+    os.rename(elsewhere / "moved.xml", svc.drop / "moved.xml")
+    wait_until(lambda: xml_names(svc.uploaded) == {"copied.xml", "moved.xml"}, "both uploaded")
+    assert sorted(svc.calls()) == ["copied", "moved"]
+
+
+@pytest.mark.parametrize("observer", OBSERVERS)
+def test_a_burst_of_500_files_is_taken_once_each(
+    service: Callable[..., Service], corpus: Path, observer: str
+) -> None:
+    svc = service(NX_OBSERVER=observer)
+    svc.ready()
+    names = [f"2024-02-01_burst_{i:03d}.xml" for i in range(500)]
+    started = time.monotonic()
+    for i, name in enumerate(names):
+        (svc.drop / name).write_bytes(record(corpus, i))
+    wait_until(lambda: len(xml_names(svc.uploaded)) == 500, "500 files in uploaded/", 120)
+    print(f"{observer}: 500 files exported in {time.monotonic() - started:.2f} s")
+    assert xml_names(svc.uploaded) == set(names)
+    starts = Counter(svc.calls())
+    assert len(starts) == 500 and set(starts.values()) == {1}, starts.most_common(3)
+    assert xml_names(svc.drop) == set() and xml_names(svc.failed) == set()
+
+
+# -- stopping --------------------------------------------------------------------------------
+
+
+def test_sigterm_lets_in_flight_exports_finish_and_leaves_the_queue(
+    service: Callable[..., Service], corpus: Path, tmp_path: Path
+) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    names = [f"2024-03-01_stop_{i}.xml" for i in range(4)]
+    for i, name in enumerate(names):
+        (drop / name).write_bytes(record(corpus, i))
+    svc = service(gate=False, NX_WORKERS="2")
+    svc.ready()
+    wait_until(lambda: len(svc.calls()) == 2, "two exports in flight")
+    sent = svc.signal(signal.SIGTERM)
+    svc.notify.wait_for(lambda line: line == "STOPPING=1", "STOPPING=1")
+    svc.open_gate()  # the two in flight may now finish
+    assert svc.wait_exit() == 0
+    print(f"SIGTERM → exit in {time.monotonic() - sent:.2f} s")
+    in_flight = set(svc.calls())
+    assert len(in_flight) == 2
+    for name in names:
+        expected = ["uploaded"] if name.removesuffix(".xml") in in_flight else ["drop"]
+        assert svc.places(name) == expected, name
+
+
+def test_the_stop_timeout_abandons_what_is_still_running(
+    service: Callable[..., Service], corpus: Path
+) -> None:
+    svc = service(gate=False, NX_STOP_TIMEOUT="1", SLOWDEST_TIMEOUT="3")
+    svc.ready()
+    (svc.drop / "stuck.xml").write_bytes(record(corpus, 1))
+    wait_until(lambda: svc.calls() == ["stuck"], "the export to start")
+    sent = svc.signal(signal.SIGTERM)
+    assert svc.wait_exit() == 0
+    elapsed = time.monotonic() - sent
+    print(f"SIGTERM with a stuck export → exit in {elapsed:.2f} s")
+    assert 1 <= elapsed < 15
+    assert svc.places("stuck.xml") == ["drop"]  # abandoned cleanly, to run again at start
+    assert "timeout" in (svc.slow / "calls.log").read_text()
+
+
+def test_a_second_signal_stops_at_once(service: Callable[..., Service], corpus: Path) -> None:
+    # The destination is busy (503, Retry-After) for as long as nxdrop keeps retrying.
+    svc = service(
+        NX_WORKERS="1",
+        NX_STOP_TIMEOUT="60",
+        NX_RETRY_MAX_TIME="60",
+        SLOWDEST_MODE="transient",
+    )
+    svc.ready()
+    (svc.drop / "busy.xml").write_bytes(record(corpus, 1))
+    (svc.drop / "queued.xml").write_bytes(record(corpus, 2))
+    wait_until(lambda: svc.calls().count("busy") >= 1, "the first attempt")
+    svc.signal(signal.SIGTERM)
+    svc.notify.wait_for(lambda line: line == "STOPPING=1", "STOPPING=1")
+    attempts = svc.calls().count("busy")
+    wait_until(lambda: svc.calls().count("busy") > attempts, "a retry after the first signal")
+    sent = svc.signal(signal.SIGINT)
+    assert svc.wait_exit() == 0
+    elapsed = time.monotonic() - sent
+    print(f"second signal → exit in {elapsed:.2f} s")
+    assert elapsed < 10
+    assert svc.places("busy.xml") == ["drop"]
+    assert svc.places("queued.xml") == ["drop"]
+    assert "queued" not in svc.calls()
+
+
+# -- systemd ------------------------------------------------------------------------------------
+
+
+def test_sd_notify_ready_status_watchdog_stopping_and_sighup(
+    service: Callable[..., Service], corpus: Path
+) -> None:
+    svc = service(WATCHDOG_USEC="200000")  # ping every 0.1 s; WATCHDOG_PID unset
+    svc.notify.wait_for(lambda line: line.startswith("READY=1"), "READY=1")
+    assert svc.notify.lines[0] == "READY=1"  # nothing before READY
+    assert svc.notify.lines[1].startswith("STATUS=0 queued, 0 exporting; 0 exported, 0 failed")
+    for _ in range(3):
+        svc.notify.wait_for(lambda line: line == "WATCHDOG=1", "WATCHDOG=1")
+        svc.notify.lines.remove("WATCHDOG=1")
+    (svc.drop / "a.xml").write_bytes(record(corpus, 1))
+    status = svc.notify.wait_for(lambda line: "1 exported" in line, "STATUS with the export")
+    assert status.startswith("STATUS=") and "last: a.xml exported at" in status
+
+    svc.signal(signal.SIGHUP)
+    svc.wait_log("does not reload its configuration")
+    (svc.drop / "b.xml").write_bytes(record(corpus, 2))
+    svc.notify.wait_for(lambda line: "2 exported" in line, "STATUS after SIGHUP")
+    svc.notify.wait_for(lambda line: line == "WATCHDOG=1", "WATCHDOG=1 after SIGHUP")
+
+    svc.signal(signal.SIGTERM)
+    svc.notify.wait_for(lambda line: line == "STOPPING=1", "STOPPING=1")
+    assert svc.wait_exit() == 0
+
+
+# -- run --once -----------------------------------------------------------------------------------
+
+
+def once(tmp_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NX_", "SLOWDEST_"))}
+    env.update(
+        NX_DATA_PATH=str(tmp_path / "state"),
+        NX_DROP_PATH=str(tmp_path / "drop"),
+        NX_ARCHIVE_PATH=str(tmp_path / "archive"),
+        NX_SETTLE_SECONDS="0.2",
+    )
+    return subprocess.Popen([sys.executable, "-m", "nxdrop", "run", "--once"], env=env, **popen)
+
+
+def test_run_once_exit_codes_and_no_progress_bar_off_a_terminal(
+    tmp_path: Path, corpus: Path
+) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "a.xml").write_bytes(record(corpus, 1))
+    (drop / "b.xml").write_bytes(record(corpus, 2))
+    proc = once(tmp_path, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 0, err
+    assert xml_names(drop / "uploaded") == {"a.xml", "b.xml"}
+    assert b"\r[" not in err and b"2/2" not in err
+
+    (drop / "c.xml").write_bytes(record(corpus, 3))
+    (drop / "broken.xml").write_bytes(b"<not xml")
+    proc = once(tmp_path, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 1, err
+    assert xml_names(drop / "failed") == {"broken.xml"}
+    assert "c.xml" in xml_names(drop / "uploaded")
+
+
+def test_run_once_draws_a_progress_bar_on_a_terminal(tmp_path: Path, corpus: Path) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    for i in range(3):
+        (drop / f"p{i}.xml").write_bytes(record(corpus, i))
+    leader, follower = pty.openpty()
+    proc = once(tmp_path, stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=DEADLINE) == 0
+    assert b"3/3" in output and b"[" + b"#" * 30 + b"]" in output
+
+
+# -- in-process: the observer's crashes, lost events, dedup and the queue bound --------------------
+
+
+class GateDestination:
+    """Blocks every export until its gate opens; counts calls and concurrent calls per record."""
+
+    name = "gate"
+    priority = 10
+    enabled = True
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.calls: Counter[str] = Counter()
+        self.running: Counter[str] = Counter()
+        self.most_at_once = 0
+
+    def validate_config(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def export(self, context: ExportContext) -> ExportResult:
+        session = context.session_identifier
+        with self.lock:
+            self.calls[session] += 1
+            self.running[session] += 1
+            self.most_at_once = max(self.most_at_once, self.running[session])
+        self.gate.wait(DEADLINE)
+        with self.lock:
+            self.running[session] -= 1
+        return ExportResult(True, self.name, record_id=session)
+
+
+@pytest.fixture
+def daemon_for(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> Iterator[Callable[..., tuple[Daemon, GateDestination]]]:
+    """An in-process daemon with the gate destination (gate open unless told)."""
+    made: list[tuple[Daemon, GateDestination]] = []
+
+    def make(*, gate: bool = True, **overrides: Any) -> tuple[Daemon, GateDestination]:
+        values: dict[str, Any] = {"settle_seconds": 0.3, "stop_timeout": 5, "workers": 2}
+        settings = make_settings(**(values | overrides))
+        dest = GateDestination()
+        if gate:
+            dest.gate.set()
+        store = Store(settings.database_url)
+        stop = threading.Event()
+        pipeline = Pipeline(settings, [dest], store, stop=stop)  # type: ignore[list-item]
+        pipeline.folder.create()
+        app = App(settings, [], [dest], store, pipeline, stop)  # type: ignore[list-item]
+        daemon = Daemon(app, notifier=Notifier({}))
+        made.append((daemon, dest))
+        return daemon, dest
+
+    yield make
+    for daemon, dest in made:
+        dest.gate.set()
+        daemon.shutdown()
+
+
+def loop_until(daemon: Daemon, predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        daemon.loop_once()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_crashed_observer_is_restarted_and_files_keep_coming(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]],
+    drop: Path,
+    corpus: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    daemon, dest = daemon_for(rescan_seconds=300)
+    daemon.start()
+    old = daemon.watcher.observer
+    assert old is not None
+    old.schedule(Crasher(), str(drop))  # raises in watchdog's thread: it dies
+    with caplog.at_level(logging.WARNING, logger="nxdrop"):
+        (drop / "a.xml").write_bytes(record(corpus, 1))
+        Crasher.wait_until_dead(daemon.watcher)
+        assert not daemon.healthy()  # no WATCHDOG=1 now
+        loop_until(daemon, lambda: (drop / "uploaded" / "a.xml").exists(), "a.xml uploaded")
+    assert daemon.watcher.observer is not old and daemon.healthy()
+    assert "watcher on" in caplog.text and "died; restarting it" in caplog.text
+    (drop / "b.xml").write_bytes(record(corpus, 2))
+    loop_until(daemon, lambda: (drop / "uploaded" / "b.xml").exists(), "b.xml uploaded")
+    assert dest.calls == Counter({"a": 1, "b": 1})
+
+
+def test_files_whose_events_were_lost_are_found_by_the_rescan(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]],
+    drop: Path,
+    corpus: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon, dest = daemon_for(rescan_seconds=0.5)
+    daemon.start()
+    assert daemon.watcher.handler is not None
+    monkeypatch.setattr(daemon.watcher.handler, "dispatch", lambda event: None)  # deaf
+    with caplog.at_level(logging.INFO, logger="nxdrop"):
+        for i in range(5):
+            (drop / f"lost{i}.xml").write_bytes(record(corpus, i))
+        loop_until(daemon, lambda: len(xml_names(drop / "uploaded")) == 5, "five uploaded")
+    assert "found by the rescan" in caplog.text
+    assert set(dest.calls.values()) == {1}
+
+
+def test_an_event_overflow_makes_an_immediate_rescan(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]],
+    drop: Path,
+    corpus: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon, _ = daemon_for(rescan_seconds=3600)
+    daemon.start()
+    assert daemon.watcher.handler is not None
+    monkeypatch.setattr(daemon.watcher.handler, "dispatch", lambda event: None)
+    (drop / "dropped.xml").write_bytes(record(corpus, 1))
+    # What watchdog logs when the kernel reports IN_Q_OVERFLOW:
+    logging.getLogger(OVERFLOW_LOGGER).warning(
+        "Inotify queue overflowed; filesystem events were lost"
+    )
+    loop_until(daemon, lambda: (drop / "uploaded" / "dropped.xml").exists(), "dropped.xml uploaded")
+
+
+def test_a_file_named_again_while_in_flight_is_not_exported_twice(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]], drop: Path, corpus: Path
+) -> None:
+    path = drop / "twice.xml"
+    path.write_bytes(record(corpus, 1))
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    daemon, dest = daemon_for(gate=False, rescan_seconds=0.05, workers=4)
+    daemon.start()
+    loop_until(daemon, lambda: dest.calls["twice"] == 1, "the export to start")
+    for _ in range(20):  # closes, renames, rescans: all name the same file
+        daemon.inbox.put(Sighting(path, Kind.READY))
+        daemon.inbox.put(Sighting(path, Kind.CHANGED))
+        daemon.loop_once(timeout=0.01)
+    assert dest.calls["twice"] == 1
+    dest.gate.set()
+    loop_until(daemon, lambda: daemon.counts[Outcome.EXPORTED] == 1, "the export to finish")
+    assert dest.most_at_once == 1
+    assert daemon.status_line().startswith("0 queued, 0 exporting; 1 exported")
+
+    path.write_bytes(record(corpus, 2))  # dropped again under the same name: a new record
+    loop_until(daemon, lambda: daemon.counts[Outcome.EXPORTED] == 2, "the second export")
+    assert dest.calls["twice"] == 2
+    assert xml_names(drop / "uploaded") == {"twice.xml", "twice.1.xml"}
+
+
+def test_the_work_queue_is_bounded_and_its_overflow_is_kept(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]], drop: Path, corpus: Path
+) -> None:
+    old = time.time() - 60
+    for i in range(12):
+        (drop / f"q{i:02d}.xml").write_bytes(record(corpus, i))
+        os.utime(drop / f"q{i:02d}.xml", (old + i, old + i))
+    daemon, dest = daemon_for(gate=False, workers=1, queue_size=3)
+    daemon.start()
+    loop_until(daemon, lambda: sum(dest.calls.values()) == 1, "one export in flight")
+    daemon.loop_once(timeout=0.05)
+    assert daemon._work.qsize() == 3
+    assert daemon.status_line().startswith("11 queued, 1 exporting")
+    dest.gate.set()
+    loop_until(daemon, lambda: len(xml_names(drop / "uploaded")) == 12, "all twelve uploaded")
+    assert set(dest.calls.values()) == {1} and len(dest.calls) == 12
+
+
+def test_run_once_lets_fresh_files_settle_and_reports_in_order(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]], drop: Path, corpus: Path
+) -> None:
+    old = time.time() - 60
+    (drop / "old.xml").write_bytes(record(corpus, 1))
+    os.utime(drop / "old.xml", (old, old))
+    (drop / "new.xml").write_bytes(record(corpus, 2))  # just written: settles first
+    daemon, _ = daemon_for()
+    reports = daemon.run_once()
+    assert [(r.path.name, r.outcome) for r in reports] == [
+        ("old.xml", Outcome.EXPORTED),
+        ("new.xml", Outcome.EXPORTED),
+    ]
