@@ -1,18 +1,32 @@
-"""Logging: the journal where there is one, else stderr with ``<N>`` priority prefixes.
+"""Logging: the systemd journal where there is one, else stderr with ``<N>`` priority prefixes.
 
-Every handler redacts the configured secrets, so a token that reaches a message (a
-plugin's error text, say) is never written anywhere.
+Under systemd every record goes to journald as structured fields (``SYSLOG_IDENTIFIER=nxdrop``,
+``PRIORITY``, ``MESSAGE``, ``CODE_*``, ``LOGGER`` and the record's upper-case extras such as
+``SESSION_ID``, ``DESTINATION``, ``RECORD_ID``, ``FILE``), so an operator can filter with
+``journalctl -u nxdrop SESSION_ID=…``. Every handler redacts the configured secrets, so a
+token that reaches a message, a traceback or a field is never written anywhere.
 """
 
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
 import logging
+import os
+import re
+import socket
+import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TextIO
 
 from nxdrop.settings import Settings
 
-# syslog priorities, as sd-daemon(3) prefixes want them
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "nxdrop"
+
+# syslog priorities, as sd-daemon(3) prefixes and the journal's PRIORITY= want them
 PRIORITY = {
     logging.CRITICAL: 2,
     logging.ERROR: 3,
@@ -20,6 +34,10 @@ PRIORITY = {
     logging.INFO: 6,
     logging.DEBUG: 7,
 }
+
+# A journal field name: upper case, digits, underscore; journald owns the "_" prefix.
+_FIELD = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 def syslog_priority(levelno: int) -> int:
@@ -31,23 +49,31 @@ def syslog_priority(levelno: int) -> int:
 
 
 class RedactSecrets(logging.Filter):
-    """Replaces every secret value in a record's final message with ``***``."""
+    """Replaces every secret value with ``***`` in a record's message, traceback and fields."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
         self.secrets = [s for s in secrets if s]
 
+    def _clean(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
             return True
-        message = record.getMessage()
         if record.exc_info and not record.exc_text:
+            # Formatters reuse exc_text, so the traceback is redacted once for every handler.
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        for secret in self.secrets:
-            message = message.replace(secret, "***")
-            if record.exc_text:
-                record.exc_text = record.exc_text.replace(secret, "***")
-        record.msg, record.args = message, None
+        record.msg, record.args = self._clean(record.getMessage()), None
+        if record.exc_text:
+            record.exc_text = self._clean(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self._clean(record.stack_info)
+        for key, value in list(vars(record).items()):
+            if _FIELD.fullmatch(key) and isinstance(value, str):
+                setattr(record, key, self._clean(value))
         return True
 
 
@@ -60,24 +86,164 @@ class PriorityFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines())
 
 
+def serialize(fields: Mapping[str, str]) -> bytes:
+    """Fields in the journal's native protocol; values with a newline take the binary form."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "backslashreplace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class NativeSender:
+    """One datagram per entry to journald's socket; too large for a datagram, a sealed memfd."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def __call__(self, fields: Mapping[str, str]) -> None:
+        payload = serialize(fields)
+        try:
+            self.sock.sendto(payload, self.path)
+        except OSError as exc:
+            if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                raise
+            self._send_memfd(payload)
+
+    def _send_memfd(self, payload: bytes) -> None:
+        # What libsystemd does: journald reads an entry of any size from a sealed memfd.
+        fd = os.memfd_create("nxdrop-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            with open(fd, "wb", closefd=False) as fh:
+                fh.write(payload)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+            self.sock.sendmsg([b""], rights, 0, self.path)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
+def _library_sender() -> Callable[[Mapping[str, str]], None] | None:
+    try:
+        from systemd import journal  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        return None
+    return lambda fields: journal.sendv(*(f"{k}={v}" for k, v in fields.items()))
+
+
+class JournalHandler(logging.Handler):
+    """Writes records to the journal as structured entries.
+
+    ``socket_path`` is journald's socket (tests bind their own); with the default, and with
+    the ``systemd`` extra installed, libsystemd does the sending. Should journald be
+    unreachable, the line goes to stderr instead of being lost.
+    """
+
+    def __init__(self, socket_path: str | None = None, identifier: str = IDENTIFIER) -> None:
+        super().__init__()
+        self.identifier = identifier
+        self._native: NativeSender | None = None
+        send = _library_sender() if socket_path is None else None
+        if send is None:
+            send = self._native = NativeSender(socket_path or JOURNAL_SOCKET)
+        self._send: Callable[[Mapping[str, str]], None] = send
+        self._fallback = PriorityFormatter()
+
+    def fields(self, record: logging.LogRecord) -> dict[str, str]:
+        """The journal fields of one record."""
+        fields = {
+            "MESSAGE": self.format(record),
+            "PRIORITY": str(syslog_priority(record.levelno)),
+            "SYSLOG_IDENTIFIER": self.identifier,
+            "LOGGER": record.name,
+            "CODE_FILE": record.pathname,
+            "CODE_LINE": str(record.lineno),
+            "CODE_FUNC": record.funcName,
+            "THREAD_NAME": record.threadName,
+        }
+        for key, value in vars(record).items():  # extra={"SESSION_ID": …}
+            if _FIELD.fullmatch(key) and key not in fields:
+                fields[key] = value
+        return {key: str(value) for key, value in fields.items() if value is not None}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._send(self.fields(record))
+        except OSError:
+            sys.stderr.write(self._fallback.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        if self._native is not None:
+            self._native.close()
+        super().close()
+
+
+def stderr_is_journal(
+    stream: TextIO | None = None, environ: Mapping[str, str] | None = None
+) -> bool:
+    """Whether ``stream`` (stderr) is connected to the journal.
+
+    systemd sets ``$JOURNAL_STREAM`` to the ``st_dev:st_ino`` of the stream it connected; a
+    child whose stderr was redirected elsewhere inherits the variable but fails the match.
+    """
+    expected = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, ValueError, AttributeError):  # no file behind it (pytest's capture, say)
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
 def secrets_of(settings: Settings) -> list[str]:
     """The secret values to keep out of every log line."""
     values = [settings.cdcs_token, settings.elabftw_api_key]
     return [v.get_secret_value() for v in values if v is not None]
 
 
-def setup_logging(settings: Settings, *, verbose: bool = False) -> None:
-    """Configure the root logger once per process for the daemon and the commands."""
+def setup_logging(
+    settings: Settings,
+    *,
+    verbose: bool = False,
+    stream: TextIO | None = None,
+    journal_socket: str | None = None,
+) -> None:
+    """Configure the root logger once per process for the daemon and the commands.
+
+    The journal when ``NX_LOG_TARGET=journal``, or with ``auto`` (the default) when stderr
+    is connected to it; otherwise ``stream`` (stderr). ``journal_socket`` is for tests.
+    """
+    stream = stream or sys.stderr
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     root.setLevel(logging.DEBUG if verbose else settings.log_level)
     redact = RedactSecrets(secrets_of(settings))
-    handler = logging.StreamHandler(sys.stderr)
-    if sys.stderr.isatty():
-        handler.setFormatter(logging.Formatter("%(levelname)-7s %(message)s"))
+    target = settings.log_target
+    journal = target == "journal" or (target == "auto" and stderr_is_journal(stream))
+    # Without journald (a container, say) the journal would swallow every line.
+    missing = journal and not journal_socket and not os.path.exists(JOURNAL_SOCKET)
+    handler: logging.Handler
+    if journal and not missing:
+        handler = JournalHandler(journal_socket)
     else:
-        handler.setFormatter(PriorityFormatter("%(message)s"))
+        handler = logging.StreamHandler(stream)
+        tty = stream.isatty()
+        handler.setFormatter(
+            logging.Formatter("%(levelname)-7s %(message)s") if tty else PriorityFormatter()
+        )
     handler.addFilter(redact)
     root.addHandler(handler)
     if settings.log_path is not None:
@@ -90,3 +256,5 @@ def setup_logging(settings: Settings, *, verbose: bool = False) -> None:
         root.addHandler(file_handler)
     for noisy in ("urllib3", "watchdog", "peewee"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if missing:
+        logging.getLogger(__name__).warning("no journald at %s: logging to stderr", JOURNAL_SOCKET)

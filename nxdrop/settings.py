@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     disable_ssl_verify: bool = False
     log_path: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_target: Literal["auto", "journal", "stderr"] = "auto"
 
     workers: int = Field(default=4, ge=1, le=64)
     queue_size: int = Field(default=256, ge=1)

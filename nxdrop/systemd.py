@@ -33,7 +33,7 @@ def _builtin_send(address: str) -> Callable[[str], bool]:
 
 def _library_send() -> Callable[[str], bool] | None:
     try:
-        from systemd import daemon
+        from systemd import daemon  # type: ignore[attr-defined,unused-ignore]
     except ImportError:
         return None
     return lambda message: bool(daemon.notify(message))
@@ -52,9 +52,9 @@ class Notifier:
             self._send = library or _builtin_send(address)
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
-        self.watchdog_usec = (
-            int(usec) if usec.isdigit() and (not pid or pid == str(os.getpid())) else 0
-        )
+        # The watchdog is ours only if the manager listens and meant this very process.
+        ours = self._send is not None and (not pid or pid == str(os.getpid()))
+        self.watchdog_usec = int(usec) if ours and usec.isdigit() else 0
 
     @property
     def active(self) -> bool:

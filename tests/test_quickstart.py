@@ -79,7 +79,7 @@ def test_readme_quickstart_in_a_fresh_venv(tmp_path: Path) -> None:
     assert installed.returncode == 0, installed.stderr[-2000:]
 
     daemon = subprocess.Popen(
-        ["bash", "-c", f"exec {run}"],
+        ["bash", "-c", run],  # bash execs a lone command, so signals reach nxdrop
         cwd=clone,
         env=env,
         text=True,
