@@ -18,6 +18,7 @@ import re
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import TextIO
 
@@ -256,5 +257,16 @@ def setup_logging(
         root.addHandler(file_handler)
     for noisy in ("urllib3", "watchdog", "peewee"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A crash in a thread (watchdog's observer, say) is logged, not printed raw to stderr.
+    threading.excepthook = _log_thread_exception
     if missing:
         logging.getLogger(__name__).warning("no journald at %s: logging to stderr", JOURNAL_SOCKET)
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit or args.exc_value is None:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("nxdrop.threads").error(
+        "thread %s crashed", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+    )

@@ -126,8 +126,13 @@ class Pipeline:
             lambda dest, ctx: self._attempt(dest, ctx, record),
             self.stop.is_set,
         )
-        if self.stop.is_set() and not is_exported(self.settings.export_strategy, results):
-            # Cleanly abandoned: the file stays where it is and runs again at the next start.
+        strategy = self.settings.export_strategy
+        finished = len(results) == len(self.destinations) or (
+            strategy is Strategy.FIRST_SUCCESS and bool(results) and results[-1].success
+        )
+        if self.stop.is_set() and not (finished and is_exported(strategy, results)):
+            # Cleanly abandoned: the file stays where it is and runs again at the next start,
+            # where what succeeded now is reused (same bytes), not sent again.
             self.store.set_session(
                 session,
                 RecordStatus.EXPORTING,

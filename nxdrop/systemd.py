@@ -21,8 +21,8 @@ def _builtin_send(address: str) -> Callable[[str], bool]:
     def send(message: str) -> bool:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-                sock.connect(address)
-                sock.sendall(message.encode("utf-8"))
+                # Never block the main loop on a manager that does not read: drop instead.
+                sock.sendto(message.encode("utf-8"), socket.MSG_DONTWAIT, address)
         except OSError as exc:
             log.debug("sd_notify to %r failed: %s", address, exc)
             return False

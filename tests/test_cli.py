@@ -55,6 +55,7 @@ def nxdrop(tmp_path: Path, drop: Path) -> Callable[..., subprocess.CompletedProc
             "NX_DROP_PATH": str(drop),
             "NX_ARCHIVE_PATH": str(tmp_path / "archive"),
             "NX_RETRY_MAX_TIME": "0",
+            "NX_SETTLE_SECONDS": "0.2",  # files copied in just now settle first
         }
         base |= env
         return subprocess.run(

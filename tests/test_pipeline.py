@@ -317,3 +317,28 @@ def test_files_outside_the_drop_folder_stay_where_they_are(
     source = corpus / "example_record.xml"
     assert pipeline(dest).export_file(source).ok
     assert source.exists()
+
+
+@pytest.mark.parametrize("strategy", ["all", "best_effort"])
+def test_stop_between_destinations_leaves_the_file_for_the_next_start(
+    pipeline: Callable[..., Pipeline], place: Callable[..., Path], drop: Path, strategy: str
+) -> None:
+    first, second = Scripted("cdcs", 100, "ok"), Scripted("elabftw", 85, "ok")
+    p = pipeline(first, second, export_strategy=strategy)
+    original = first.export
+
+    def export_then_stop(context: ExportContext) -> Any:
+        try:
+            return original(context)
+        finally:
+            p.stop.set()  # SIGTERM's deadline passes while CDCS is being called
+
+    first.export = export_then_stop  # type: ignore[method-assign]
+    record = place()
+
+    report = p.export_file(record)
+
+    assert report.outcome is Outcome.ABANDONED
+    assert second.calls == []
+    assert record.exists()
+    assert list((drop / "uploaded").iterdir()) == []

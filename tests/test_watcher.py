@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,15 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler, PatternMatc
 from watchdog.observers.inotify import InotifyObserver
 
 from nxdrop.folders import DropFolder
-from nxdrop.watcher import OVERFLOW_LOGGER, DropHandler, Kind, SettleTracker, Sighting, Watcher
+from nxdrop.watcher import (
+    EVENTS,
+    OVERFLOW_LOGGER,
+    DropHandler,
+    Kind,
+    SettleTracker,
+    Sighting,
+    Watcher,
+)
 
 DEADLINE = 30.0
 OBSERVERS = ["inotify", "polling"]
@@ -146,13 +155,42 @@ def test_a_write_in_progress_waits_for_the_close(folder: DropFolder, drop: Path)
         watcher.stop()
 
 
+def test_the_move_of_an_exported_file_is_paired_and_not_held_back(
+    folder: DropFolder, drop: Path
+) -> None:
+    """An unpaired move out would hold every later event for 0.5 s: the latency of the next file."""
+    sightings = Sightings()
+    watcher = Watcher(folder, "inotify", settle_seconds=0.2, sink=sightings.put)
+    watcher.start()
+    raw: queue.SimpleQueue[FileSystemEvent] = queue.SimpleQueue()
+
+    class Raw(FileSystemEventHandler):
+        def on_moved(self, event: FileSystemEvent) -> None:
+            raw.put(event)
+
+    try:
+        assert watcher.observer is not None
+        # The very watch of the watcher (same path, recursion and filter): its move grouper
+        watcher.observer.schedule(Raw(), str(drop), recursive=True, event_filter=list(EVENTS))
+        (drop / "done.xml").write_bytes(b"<x/>")
+        sightings.wait_for(drop / "done.xml", {Kind.READY})
+        folder.move_to_uploaded(drop / "done.xml")
+        event = raw.get(timeout=DEADLINE)
+    finally:
+        watcher.stop()
+    assert (event.src_path, event.dest_path) == (
+        str(drop / "done.xml"),
+        str(drop / "uploaded" / "done.xml"),
+    )
+
+
 def test_watchdogs_own_patterns_lose_the_part_rename(drop: Path) -> None:
     """Why nxdrop filters names itself: both traps are real in the installed watchdog."""
     got: queue.SimpleQueue[tuple[str, FileSystemEvent]] = queue.SimpleQueue()
 
     class Recording(PatternMatchingEventHandler):
-        def __init__(self, label: str, **kwargs: list[str]) -> None:
-            super().__init__(**kwargs)
+        def __init__(self, label: str, patterns: list[str], ignore: list[str]) -> None:
+            super().__init__(patterns=patterns, ignore_patterns=ignore)
             self.label = label
 
         def on_any_event(self, event: FileSystemEvent) -> None:
@@ -164,10 +202,8 @@ def test_watchdogs_own_patterns_lose_the_part_rename(drop: Path) -> None:
                 got.put(("marker", event))
 
     observer = InotifyObserver()
-    observer.schedule(Recording("star", patterns=["*.xml"]), str(drop))
-    observer.schedule(
-        Recording("globstar", patterns=["**/*.xml"], ignore_patterns=["**/*.part"]), str(drop)
-    )
+    observer.schedule(Recording("star", ["*.xml"], []), str(drop))
+    observer.schedule(Recording("globstar", ["**/*.xml"], ["**/*.part"]), str(drop))
     observer.schedule(Marker(), str(drop))
     observer.start()
     try:
@@ -202,6 +238,7 @@ def test_the_handler_never_raises_into_the_observer(
     assert "cannot handle" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_dead_observer_is_seen_and_restarted(folder: DropFolder, drop: Path) -> None:
     sightings = Sightings()
     watcher = Watcher(folder, "inotify", settle_seconds=0.2, sink=sightings.put)
@@ -247,6 +284,15 @@ def test_an_overflow_warning_raises_the_alarm_once(folder: DropFolder) -> None:
         assert not watcher.overflowed()
     finally:
         watcher.stop()
+
+
+def test_a_folder_that_cannot_be_watched_raises_and_leaves_no_thread(tmp_path: Path) -> None:
+    threads = threading.active_count()
+    watcher = Watcher(DropFolder(tmp_path / "missing"), "inotify", 0.2, sink=lambda s: None)
+    with pytest.raises(FileNotFoundError):
+        watcher.start()
+    assert not watcher.healthy()
+    assert threading.active_count() == threads
 
 
 def test_a_vanished_watched_folder_makes_the_watcher_unhealthy(tmp_path: Path) -> None:
@@ -343,6 +389,18 @@ def test_a_file_being_written_or_empty_waits_for_patience(
     assert tracker.due() == []
     clock.now += 31
     assert sorted(tracker.due()) == [empty, writing]
+
+
+def test_a_file_found_old_waits_only_for_the_rest(
+    tracker: SettleTracker, clock: Clock, drop: Path
+) -> None:
+    path = drop / "a.xml"
+    path.write_bytes(b"<x/>")
+    tracker.note(path, age=1.5)  # a scan saw an mtime 1.5 s old
+    clock.now += 0.4
+    assert tracker.due() == []
+    clock.now += 0.1
+    assert tracker.due() == [path]
 
 
 def test_a_vanished_file_is_dropped(tracker: SettleTracker, clock: Clock, drop: Path) -> None:

@@ -1,0 +1,286 @@
+"""Watching the drop folder with watchdog, and telling when a file is complete.
+
+watchdog's traps, and where each is handled:
+
+- ``on_created`` fires before a byte is written. A file is *ready* when it is closed after
+  writing (inotify's IN_CLOSE_WRITE) or renamed into the folder (the destination of a move,
+  also from outside the folder). Anything else only *changed*; the :class:`SettleTracker`
+  takes it once its size and mtime have stood still for the settle time.
+- watchdog 7 matches patterns with ``full_match`` (``*.xml`` matches nothing) and drops a
+  move when either path is ignored (so ``x.part`` → ``x.xml`` would vanish): no patterns
+  here, :class:`DropHandler` filters names itself.
+- An exception in a handler kills the observer thread silently. :class:`DropHandler` only
+  enqueues and catches everything; the daemon still checks :meth:`Watcher.healthy` and
+  restarts the observer.
+- The kernel drops events when its queue overflows and network shares send none: the daemon
+  rescans; :meth:`Watcher.overflowed` tells it when to rescan at once.
+- watchdog holds an unpaired IN_MOVED_FROM for 0.5 s, and every event queued behind it; each
+  export moves a file out to ``uploaded/``. Watching that folder too pairs the move at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.api import BaseObserver
+
+from nxdrop.folders import DropFolder, is_record_name
+
+log = logging.getLogger(__name__)
+
+# The events the handler uses. Asking for no others keeps the kernel from queueing an
+# open and a close-without-write for every read of a record (the pipeline's own, too).
+EVENTS = (FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent)
+
+# watchdog reports an inotify queue overflow only as this logger's warning.
+OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+
+
+class Kind(Enum):
+    """What an event says about a file."""
+
+    READY = "ready"  # closed after writing, or renamed into the folder: take it now
+    CHANGED = "changed"  # appeared or changed, and no close event will come: let it settle
+    WRITING = "writing"  # a writer has it open and will close it: wait for the close
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """One candidate path named by an event."""
+
+    path: Path
+    kind: Kind
+
+
+Sink = Callable[[Sighting], None]
+
+
+class DropHandler(FileSystemEventHandler):
+    """Turns watchdog events into :class:`Sighting` s for ``sink``; never raises.
+
+    ``closes`` says whether the observer reports close events (inotify does, polling
+    does not): only then does a write mean "wait for the close".
+    """
+
+    def __init__(self, folder: DropFolder, sink: Sink, *, closes: bool) -> None:
+        super().__init__()
+        self.folder, self.sink, self.closes = folder, sink, closes
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            for sighting in self.classify(event):
+                self.sink(sighting)
+        except Exception:
+            # An exception escaping here would kill the observer thread, without a word.
+            log.exception("watcher: cannot handle %r", event)
+
+    def classify(self, event: FileSystemEvent) -> list[Sighting]:
+        """The sightings one event makes; most events make none."""
+        if event.is_directory:
+            return []
+        if isinstance(event, FileMovedEvent):
+            # Only the destination matters: ``.part`` → ``.xml`` and moves from elsewhere
+            # (whose source is "") bring a complete file in; a move out needs nothing.
+            return self._sighting(event.dest_path, Kind.READY)
+        if isinstance(event, FileClosedEvent):
+            return self._sighting(event.src_path, Kind.READY)
+        if isinstance(event, FileModifiedEvent):
+            return self._sighting(event.src_path, Kind.WRITING if self.closes else Kind.CHANGED)
+        if isinstance(event, FileCreatedEvent):
+            # A hard link or a symbolic link is created without any close event to follow.
+            return self._sighting(event.src_path, Kind.CHANGED)
+        return []
+
+    def _sighting(self, raw: bytes | str, kind: Kind) -> list[Sighting]:
+        if not raw:
+            return []
+        path = Path(os.fsdecode(raw))
+        if not (is_record_name(path.name) and self.folder.holds(path)):
+            return []
+        return [Sighting(path, kind)]
+
+
+@dataclass
+class _Entry:
+    signature: tuple[int, int, int] | None
+    since: float
+    writing: bool
+
+
+class SettleTracker:
+    """Files waiting to be complete: due once size and mtime stood still long enough.
+
+    "Long enough" is ``settle_seconds``; it is ``patience`` for a file known to be open
+    for writing (its close event should come; patience covers a close the kernel dropped)
+    and for an empty file (far more often a writer that has not started than a record).
+    Not thread-safe: the daemon's main thread owns it.
+    """
+
+    def __init__(
+        self,
+        settle_seconds: float,
+        patience: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settle_seconds = settle_seconds
+        self.patience = max(patience, settle_seconds)
+        self.clock = clock
+        self._entries: dict[Path, _Entry] = {}
+
+    def note(self, path: Path, *, writing: bool = False, age: float = 0.0) -> None:
+        """``path`` changed ``age`` seconds ago (a scan knows its mtime): its wait restarts."""
+        entry = self._entries.get(path)
+        now = self.clock()
+        if entry is None:
+            self._entries[path] = _Entry(_signature(path), now - max(age, 0.0), writing)
+        else:
+            entry.since = now
+            entry.writing = entry.writing or writing
+
+    def forget(self, path: Path) -> None:
+        """Stop tracking ``path`` (it became ready some other way)."""
+        self._entries.pop(path, None)
+
+    def clear(self) -> None:
+        """Stop tracking everything."""
+        self._entries.clear()
+
+    def due(self) -> list[Path]:
+        """The files that have settled, no longer tracked; vanished files are dropped."""
+        now = self.clock()
+        ready = []
+        for path, entry in list(self._entries.items()):
+            signature = _signature(path)
+            if signature is None:
+                del self._entries[path]
+            elif signature != entry.signature:
+                entry.signature, entry.since = signature, now
+            elif now - entry.since >= (
+                self.patience if entry.writing or signature[0] == 0 else self.settle_seconds
+            ):
+                del self._entries[path]
+                ready.append(path)
+        return ready
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.lstat()  # a link is a record to refuse, never followed
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+class _OverflowAlarm(logging.Handler):
+    def __init__(self, flag: threading.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.flag = flag
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in str(record.msg).lower():
+            self.flag.set()
+
+
+class Watcher:
+    """The observer on the drop folder: start, stop, health, restart."""
+
+    def __init__(
+        self,
+        folder: DropFolder,
+        kind: Literal["inotify", "polling"],
+        settle_seconds: float,
+        sink: Sink,
+    ) -> None:
+        self.folder, self.kind, self.sink = folder, kind, sink
+        # Two polls per settle time: a file is taken about 1.5 settle times after its last change.
+        self.poll_interval = min(1.0, settle_seconds / 2)
+        self.observer: BaseObserver | None = None
+        self.handler: DropHandler | None = None
+        self._overflow = threading.Event()
+        self._alarm = _OverflowAlarm(self._overflow)
+
+    def start(self) -> None:
+        """Watch the folder; raises ``OSError`` when the folder cannot be watched."""
+        handler = DropHandler(self.folder, self.sink, closes=self.kind == "inotify")
+        observer = self._make_observer()
+        # inotify watches uploaded/ and failed/ too, so that the move of an exported file
+        # pairs up at once: watchdog holds an unpaired IN_MOVED_FROM for 0.5 s, and every
+        # event behind it. Polling would walk those (large) folders: it stays flat.
+        recursive = self.kind == "inotify"
+        try:
+            observer.schedule(
+                handler, str(self.folder.path), recursive=recursive, event_filter=list(EVENTS)
+            )
+            observer.start()
+        except BaseException:
+            observer.stop()  # an inotify observer has a reader thread from birth
+            raise
+        self.observer, self.handler = observer, handler
+        logging.getLogger(OVERFLOW_LOGGER).addHandler(self._alarm)
+
+    def stop(self) -> None:
+        """Stop watching (also after the observer died)."""
+        logging.getLogger(OVERFLOW_LOGGER).removeHandler(self._alarm)
+        observer, self.observer = self.observer, None
+        if observer is None:
+            return
+        try:
+            observer.stop()
+            observer.join(timeout=5)
+        except Exception:
+            log.exception("watcher: stopping the observer failed")
+
+    def restart(self) -> None:
+        """A fresh observer in place of the old one."""
+        self.stop()
+        self.start()
+
+    def healthy(self) -> bool:
+        """Whether events are flowing: the observer thread and its emitters are alive."""
+        observer = self.observer
+        if observer is None or not observer.is_alive():
+            return False
+        emitters = list(observer.emitters)
+        if not emitters or not all(e.is_alive() for e in emitters):
+            return False  # e.g. the watched folder was deleted: alive, but deaf
+        reader = getattr(observer, "_inotify_fd", None)  # the thread that reads inotify
+        return not isinstance(reader, threading.Thread) or reader.is_alive()
+
+    def overflowed(self) -> bool:
+        """Whether the kernel dropped events since the last call."""
+        if self._overflow.is_set():
+            self._overflow.clear()
+            return True
+        return False
+
+    def _make_observer(self) -> BaseObserver:
+        if self.kind == "polling":
+            from watchdog.observers.polling import PollingObserver
+
+            return PollingObserver(timeout=self.poll_interval)
+        from watchdog.observers.inotify import InotifyObserver
+
+        # Full events: a move in from outside the folder is a move (ready), not a create.
+        return InotifyObserver(generate_full_events=True)
