@@ -60,11 +60,14 @@ class WebhookDestination:
         except requests.RequestException as exc:
             raise TransientError(f"webhook: {exc}") from exc
         if response.status_code >= 500:
-            raise TransientError(f"webhook: HTTP {response.status_code}",
-                                 status_code=response.status_code)
+            raise TransientError(
+                f"webhook: HTTP {response.status_code}", status_code=response.status_code
+            )
         if response.status_code >= 400:
-            raise PermanentError(f"webhook: HTTP {response.status_code}: {response.text[:200]}",
-                                 status_code=response.status_code)
+            raise PermanentError(
+                f"webhook: HTTP {response.status_code}: {response.text[:200]}",
+                status_code=response.status_code,
+            )
         return ExportResult(
             success=True,
             destination_name=self.name,
