@@ -11,17 +11,34 @@ import email.utils
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
 
 from nxdrop import __version__
-from nxdrop.exceptions import PermanentError, TransientError
+from nxdrop.exceptions import ConfigError, PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from nxdrop.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def check_base_url(url: str, variable: str) -> None:
+    """Raise a :class:`ConfigError` naming ``variable`` unless ``url`` is a usable base URL."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{variable} must be a base URL, without ?query or #fragment")
 
 
 def join_url(base: str, path: str) -> str:
@@ -49,6 +66,13 @@ class HttpClient:
         self.session.max_redirects = 0
         if verify is False:
             _warn_insecure()
+
+    @classmethod
+    def for_settings(cls, base_url: str, settings: Settings, headers: dict[str, str]) -> HttpClient:
+        """A client with nxdrop's timeout and TLS settings."""
+        return cls(
+            base_url, headers=headers, timeout=settings.http_timeout, verify=settings.tls_verify
+        )
 
     def url(self, path: str) -> str:
         """The absolute URL of ``path`` under the base URL."""

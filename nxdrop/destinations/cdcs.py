@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from nxdrop.destinations.base import ExportContext, ExportResult
-from nxdrop.exceptions import ConfigError, DestinationError, PermanentError, TransientError
-from nxdrop.http import HttpClient, join_url
+from nxdrop.exceptions import DestinationError, PermanentError, TransientError
+from nxdrop.http import HttpClient, check_base_url, join_url
 
 if TYPE_CHECKING:
     from nxdrop.settings import Settings
@@ -38,16 +37,13 @@ class CDCSDestination:
     def configure(self, settings: Settings) -> None:
         """Take the ``NX_CDCS_*`` settings; the server is not contacted here."""
         url, token = settings.cdcs_url, settings.cdcs_token
-        if url and not _is_http_url(url):
-            raise ConfigError("NX_CDCS_URL must be an http:// or https:// URL with a host name")
+        if url:
+            check_base_url(url, "NX_CDCS_URL")
         self.template_setting = settings.cdcs_template or None
         self.assign = settings.cdcs_assign_to_public_workspace
         if url and token is not None and token.get_secret_value():
-            self._client = HttpClient(
-                url,
-                headers={"Authorization": f"Token {token.get_secret_value()}"},
-                timeout=settings.http_timeout,
-                verify=settings.tls_verify,
+            self._client = HttpClient.for_settings(
+                url, settings, {"Authorization": f"Token {token.get_secret_value()}"}
             )
 
     @property
@@ -216,12 +212,3 @@ class CDCSDestination:
             record_url=join_url(self._http().base_url, f"data?id={record_id}"),
             metadata={"template": template, "workspace": workspace, "title": title},
         )
-
-
-def _is_http_url(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018  (raises for a port that is not a number)
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)

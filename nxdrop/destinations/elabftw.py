@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 from urllib3.filepost import encode_multipart_formdata
 
 from nxdrop.destinations.base import ExportContext, ExportResult
-from nxdrop.exceptions import ConfigError, DestinationError, PermanentError
-from nxdrop.http import HttpClient, join_url
+from nxdrop.exceptions import DestinationError, PermanentError
+from nxdrop.http import HttpClient, check_base_url, join_url
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -59,22 +59,17 @@ class ELabFTWDestination:
         """Take the ``NX_ELABFTW_*`` settings; the server is not contacted here."""
         url, key = settings.elabftw_url, settings.elabftw_api_key
         if url:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError("NX_ELABFTW_URL must be an http:// or https:// URL with a host")
-            if parts.query or parts.fragment:
-                raise ConfigError("NX_ELABFTW_URL must be the site root, without ?query or #")
+            check_base_url(url, "NX_ELABFTW_URL")
         self.site = url or None
         self.category_setting = (settings.elabftw_experiment_category or "").strip() or None
         self.status_setting = (settings.elabftw_experiment_status or "").strip() or None
         self.team_setting = settings.elabftw_team.strip() or "current"
         if url and key is not None and key.get_secret_value():
             self._key = key.get_secret_value()
-            self._client = HttpClient(
+            self._client = HttpClient.for_settings(
                 join_url(url, "api/v2"),
-                headers={"Authorization": self._key, "Accept": "application/json"},
-                timeout=settings.http_timeout,
-                verify=settings.tls_verify,
+                settings,
+                {"Authorization": self._key, "Accept": "application/json"},
             )
 
     @property
