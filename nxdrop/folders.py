@@ -10,11 +10,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import functools
 import json
 import os
 import stat
 from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +120,49 @@ class DropFolder:
     def _move(self, source: Path, folder: Path) -> Path:
         folder.mkdir(exist_ok=True)
         return move_without_replacing(source, folder, source.name)
+
+
+class Claim(Enum):
+    """What :func:`claim` found."""
+
+    OURS = "ours"  # locked by this process until the ``with`` block ends
+    TAKEN = "taken"  # another process holds it
+    GONE = "gone"  # no such file (any more) under this name
+
+
+@contextmanager
+def claim(path: Path) -> Iterator[Claim]:
+    """Hold an exclusive ``flock`` on the file at ``path`` for the ``with`` block.
+
+    Two daemons sharing a folder (on one host, or NFS clients, where Linux maps ``flock``
+    to network locks) thus never export one file both. The lock is on the file, not the
+    name, so it holds across the move into ``uploaded/``; a name that now means another
+    file (moved on while we waited) is ``GONE``. A file that cannot be opened (a symbolic
+    link, say) is ``OURS`` to refuse.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        yield Claim.GONE
+        return
+    except OSError:
+        # A link (ELOOP), or unreadable: not opened here; the reader refuses it with the reason.
+        yield Claim.OURS
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield Claim.TAKEN
+            return
+        try:
+            same = path.lstat().st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        yield Claim.OURS if same else Claim.GONE
+    finally:
+        os.close(fd)
 
 
 def move_without_replacing(source: Path, folder: Path, name: str) -> Path:

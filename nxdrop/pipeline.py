@@ -19,7 +19,7 @@ import backoff
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult, utcnow
 from nxdrop.exceptions import DestinationError, RecordError, TransientError
-from nxdrop.folders import DropFolder
+from nxdrop.folders import Claim, DropFolder, claim
 from nxdrop.records import Record, RecordReader, session_identifier_of
 from nxdrop.settings import Settings, Strategy
 from nxdrop.store import RecordStatus, Store
@@ -107,10 +107,25 @@ class Pipeline:
         self.stop = stop or threading.Event()
 
     def export_file(self, path: Path) -> FileReport:
-        """Export one file; files in the drop folder are then moved as the daemon would."""
+        """Export one file; files in the drop folder are then moved as the daemon would.
+
+        The file is locked while it runs, so two daemons sharing a folder (or a daemon and
+        ``nxdrop export``) never export it both.
+        """
         session = session_identifier_of(path)
-        if not (path.exists() or path.is_symlink()):
-            return FileReport(path, session, Outcome.GONE, error="no such file")
+        with claim(path) as claimed:
+            if claimed is Claim.GONE:
+                return FileReport(path, session, Outcome.GONE, error="no such file")
+            if claimed is Claim.TAKEN:
+                log.info(
+                    "%s: another nxdrop is exporting it",
+                    path.name,
+                    extra={"SESSION_ID": session, "FILE": str(path)},
+                )
+                return FileReport(path, session, Outcome.GONE, error="taken by another process")
+            return self._export(path, session)
+
+    def _export(self, path: Path, session: str) -> FileReport:
         try:
             record = self.reader.read(path)
         except RecordError as exc:

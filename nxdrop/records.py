@@ -117,8 +117,9 @@ class RecordReader:
 
     def _read_bytes(self, path: Path) -> bytes:
         # O_NOFOLLOW: a symbolic link is never a record, and what it points to is never read.
+        # O_NONBLOCK: a FIFO named like a record must not hang a worker.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             if path.is_symlink():
                 raise RecordError(

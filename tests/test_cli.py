@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -208,3 +209,43 @@ def test_status_and_retry(
     rows = json.loads(nxdrop("status", "example_record", "--json").stdout)
     assert [r["state"] for r in rows] == ["failed", "succeeded", "reused"]
     assert nxdrop("retry", "missing.xml").returncode == 1
+
+
+def test_two_daemons_sharing_a_folder_export_each_file_once(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]],
+    corpus: Path,
+    drop: Path,
+    tmp_path: Path,
+) -> None:
+    content = (corpus / "example_record_curation.xml").read_bytes()
+    names = [f"2024-01-15_FEI-Titan-TEM_{i:03d}.xml" for i in range(150)]
+    for i, name in enumerate(names):  # distinct bytes: no reuse can hide a second export
+        (drop / name).write_bytes(content + f"<!-- {i} -->".encode())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NX_")}
+    env |= {
+        "NX_DATA_PATH": str(tmp_path / "state"),
+        "NX_DROP_PATH": str(drop),
+        "NX_ARCHIVE_PATH": str(tmp_path / "archive"),
+        "NX_SETTLE_SECONDS": "0.2",
+    }
+    daemons = [
+        subprocess.Popen(
+            [sys.executable, "-m", "nxdrop", "run", "--once"],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for daemon in daemons:
+        _, err = daemon.communicate(timeout=300)
+        assert daemon.returncode == 0, err
+
+    assert sorted(p.name for p in (drop / "uploaded").iterdir()) == names
+    archived = sorted(p.name for p in (tmp_path / "archive").rglob("*.xml"))
+    assert archived == names  # a second export would have made <name>.1.xml
+    with sqlite3.connect(tmp_path / "state" / "nxdrop.db") as db:
+        rows = db.execute(
+            "SELECT session_identifier, COUNT(*) FROM upload_log GROUP BY session_identifier"
+        ).fetchall()
+    assert sorted(rows) == [(n.removesuffix(".xml"), 1) for n in names]

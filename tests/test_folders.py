@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nxdrop.folders import DropFolder, is_record_name
+from nxdrop.folders import Claim, DropFolder, claim, is_record_name
 
 
 @pytest.mark.parametrize(
@@ -83,3 +83,32 @@ def test_retry_all_and_unknown_names(drop: Path) -> None:
         folder.retry(["../a.xml"])
     assert sorted(p.name for p in folder.retry(None)) == ["a.xml", "b.xml"]
     assert list((drop / "failed").iterdir()) == []
+
+
+def test_claim_locks_the_file_not_the_name(drop: Path) -> None:
+    path = drop / "x.xml"
+    path.write_text("<Experiment/>")
+    with claim(path) as first:
+        assert first is Claim.OURS
+        with claim(path) as second:  # another open file description: as another process
+            assert second is Claim.TAKEN
+    with claim(path) as again:
+        assert again is Claim.OURS
+    with claim(drop / "missing.xml") as missing:
+        assert missing is Claim.GONE
+    (drop / "link.xml").symlink_to(path)
+    with claim(drop / "link.xml") as link:
+        assert link is Claim.OURS  # not opened: the reader refuses it
+
+
+def test_a_new_file_under_a_claimed_name_is_free_to_take(drop: Path) -> None:
+    path = drop / "x.xml"
+    path.write_text("<Experiment/>")
+    with claim(path) as first:
+        assert first is Claim.OURS
+        DropFolder(drop).move_to_uploaded(path)  # done by the holder; a new file arrives
+        path.write_text("<Experiment>new</Experiment>")
+        with claim(path) as second:
+            assert second is Claim.OURS  # the new file is a different one, free to take
+    with claim(drop / "uploaded" / "x.xml") as moved:
+        assert moved is Claim.OURS

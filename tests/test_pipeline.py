@@ -11,6 +11,7 @@ import pytest
 
 from nxdrop.destinations import ExportContext, ExportResult
 from nxdrop.exceptions import PermanentError, TransientError
+from nxdrop.folders import Claim, claim
 from nxdrop.pipeline import Outcome, Pipeline
 from nxdrop.settings import Settings
 from nxdrop.store import Store
@@ -342,3 +343,18 @@ def test_stop_between_destinations_leaves_the_file_for_the_next_start(
     assert second.calls == []
     assert record.exists()
     assert list((drop / "uploaded").iterdir()) == []
+
+
+def test_a_file_another_process_is_exporting_is_left_to_it(
+    pipeline: Callable[..., Pipeline], place: Callable[..., Path]
+) -> None:
+    dest = Scripted("a", 1, "ok")
+    p = pipeline(dest)
+    record = place()
+    with claim(record) as held:  # as another nxdrop would hold it
+        assert held is Claim.OURS
+        report = p.export_file(record)
+    assert report.outcome is Outcome.GONE
+    assert dest.calls == []
+    assert record.exists()
+    assert p.export_file(record).ok
