@@ -213,6 +213,7 @@ class Daemon:
         if self._watching:
             if self.watcher.overflowed():
                 log.warning("the kernel dropped file events (queue overflow): rescanning")
+                self.tracker.events_lost()
                 self._next_rescan = now
             if now >= self._next_rescan:
                 self._rescan()
@@ -385,6 +386,7 @@ class Daemon:
             self._watcher_ok = False
             return
         log.warning("watcher restarted; rescanning for files it missed")
+        self.tracker.events_lost()
         self._watcher_ok = True
         self._rescan()
 

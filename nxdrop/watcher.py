@@ -153,6 +153,12 @@ class SettleTracker:
             entry.since = now
             entry.writing = entry.writing or writing
 
+    def events_lost(self) -> None:
+        """Close events may have been lost (observer restarted, queue overflow): from now on
+        every tracked file is due once it has settled, not when its close event comes."""
+        for entry in self._entries.values():
+            entry.writing = False
+
     def forget(self, path: Path) -> None:
         """Stop tracking ``path`` (it became ready some other way)."""
         self._entries.pop(path, None)

@@ -441,3 +441,15 @@ def test_real_time_settling(drop: Path) -> None:
         time.sleep(0.02)  # the daemon's check cadence
     assert found == [path]
     assert time.monotonic() - written >= 0.3
+
+
+def test_after_lost_events_a_file_being_written_settles_instead_of_waiting(
+    tracker: SettleTracker, clock: Clock, drop: Path
+) -> None:
+    path = drop / "x.xml"
+    path.write_text("<Experiment/>")
+    tracker.note(path, writing=True)  # its close event died with the observer
+    clock.now += tracker.settle_seconds
+    assert tracker.due() == []  # still waiting for a close that will not come
+    tracker.events_lost()
+    assert tracker.due() == [path]
