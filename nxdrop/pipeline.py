@@ -134,14 +134,14 @@ class Pipeline:
         log.info("exporting %s (%d bytes)", path.name, len(record.content), extra=extra)
         self.store.set_session(session, RecordStatus.EXPORTING, record=record)
         context = ExportContext.for_record(record)
+        strategy = self.settings.export_strategy
         results = run_strategy(
-            self.settings.export_strategy,
+            strategy,
             self.destinations,
             context,
             lambda dest, ctx: self._attempt(dest, ctx, record),
             self.stop.is_set,
         )
-        strategy = self.settings.export_strategy
         finished = len(results) == len(self.destinations) or (
             strategy is Strategy.FIRST_SUCCESS and bool(results) and results[-1].success
         )
