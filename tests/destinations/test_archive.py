@@ -1,0 +1,136 @@
+"""The archive destination: path layout, idempotency, name clashes, safety."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from nxdrop.destinations import ExportContext
+from nxdrop.destinations.archive import ArchiveDestination
+from nxdrop.records import RecordReader
+from nxdrop.settings import Settings
+
+
+@pytest.fixture
+def archive(tmp_path: Path, make_settings: Callable[..., Settings]) -> ArchiveDestination:
+    dest = ArchiveDestination()
+    dest.configure(make_settings(archive_path=tmp_path / "archive"))
+    return dest
+
+
+def context(path: Path) -> ExportContext:
+    return ExportContext.for_record(RecordReader(10**8).read(path))
+
+
+def test_layout_url_and_id(
+    archive: ArchiveDestination, place: Callable[..., Path], tmp_path: Path
+) -> None:
+    record = place(name="2018-11-13_FEI-Titan-TEM_204.xml")
+
+    result = archive.export(context(record))
+
+    copy = tmp_path / "archive" / "FEI-Titan-TEM" / "2018" / "11" / record.name
+    assert copy.read_bytes() == record.read_bytes()
+    assert result.success
+    assert result.record_id == "FEI-Titan-TEM/2018/11/2018-11-13_FEI-Titan-TEM_204.xml"
+    assert result.record_url == copy.as_uri()
+    assert oct(copy.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in copy.parent.iterdir()] == [record.name]  # no temporary left
+
+
+def test_same_bytes_again_are_recognised_not_rewritten(
+    archive: ArchiveDestination, place: Callable[..., Path]
+) -> None:
+    first = archive.export(context(place()))
+    copy = Path(first.metadata["path"])
+    before = copy.stat()
+
+    again = archive.export(context(place()))
+
+    assert again.record_id == first.record_id
+    after = copy.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_different_record_under_the_same_name_gets_a_unique_name(
+    archive: ArchiveDestination, place: Callable[..., Path], drop: Path
+) -> None:
+    first = archive.export(context(place()))
+    changed = drop / "example_record.xml"
+    changed.write_bytes(changed.read_bytes() + b"<!-- corrected -->")
+    second = archive.export(context(changed))
+    third = archive.export(context(changed))  # and that one is recognised in turn
+
+    assert first.record_id is not None and first.record_id.endswith("/example_record.xml")
+    assert second.record_id is not None and second.record_id.endswith("/example_record.1.xml")
+    assert third.record_id == second.record_id
+    assert Path(first.metadata["path"]).read_bytes() != Path(second.metadata["path"]).read_bytes()
+
+
+def test_concurrent_exports_of_one_record_write_one_copy(
+    archive: ArchiveDestination, place: Callable[..., Path], tmp_path: Path
+) -> None:
+    ctx = context(place())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ids = set(pool.map(lambda _: archive.export(ctx).record_id, range(16)))
+    assert len(ids) == 1
+    assert len(list((tmp_path / "archive").rglob("*.xml"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("instrument", "folder"),
+    [
+        ("../../etc", "etc"),
+        (".hidden", "hidden"),
+        ("FEI Titan/TEM", "FEI_Titan_TEM"),
+        (None, "unknown-instrument"),
+    ],
+)
+def test_instrument_names_cannot_escape_the_archive(
+    archive: ArchiveDestination,
+    place: Callable[..., Path],
+    tmp_path: Path,
+    instrument: str | None,
+    folder: str,
+) -> None:
+    ctx = context(place())
+    ctx.instrument_pid = instrument
+    result = archive.export(ctx)
+    assert result.record_id == f"{folder}/2018/11/example_record.xml"
+    assert Path(result.metadata["path"]).resolve().is_relative_to(tmp_path / "archive")
+
+
+def test_the_month_is_the_records_own(
+    archive: ArchiveDestination, place: Callable[..., Path]
+) -> None:
+    ctx = context(place())
+    ctx.dt_from = datetime.fromisoformat("2024-01-31T23:30:00-05:00")  # February in UTC
+    assert archive.export(ctx).record_id == "FEI-Titan-TEM/2024/01/example_record.xml"
+    ctx.dt_from = None
+    assert archive.export(ctx).record_id == "FEI-Titan-TEM/undated/00/example_record.xml"
+
+
+def test_enabled_validate_and_reason(
+    tmp_path: Path, make_settings: Callable[..., Settings]
+) -> None:
+    off = ArchiveDestination()
+    off.configure(make_settings())
+    assert not off.enabled
+    assert off.validate_config() == (False, "NX_ARCHIVE_PATH is not set")
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    broken = ArchiveDestination()
+    broken.configure(make_settings(archive_path=blocker / "archive"))
+    ok, reason = broken.validate_config()
+    assert not ok and reason is not None and "NX_ARCHIVE_PATH" in reason
+
+    fine = ArchiveDestination()
+    fine.configure(make_settings(archive_path=tmp_path / "new" / "archive"))
+    assert fine.validate_config() == (True, None)
+    assert os.access(tmp_path / "new" / "archive", os.W_OK)
