@@ -46,17 +46,20 @@ def test_records_reach_cdcs_and_elabftw_and_the_log(
     )
     tag = uuid.uuid4().hex[:8]  # the CDCS server outlives test runs
     names = {f"2024-01-15_FEI-Titan-TEM_{tag}_{i}.xml": record for i, record in enumerate(RECORDS)}
-    for name, record in names.items():
-        shutil.copyfile(corpus / record, drop / name)
 
-    run = subprocess.run(
-        [sys.executable, "-m", "nxdrop", "run", "--once"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    def drop_and_run() -> subprocess.CompletedProcess[str]:
+        for name, record in names.items():
+            shutil.copyfile(corpus / record, drop / name)
+        return subprocess.run(
+            [sys.executable, "-m", "nxdrop", "run", "--once"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    run = drop_and_run()
     assert run.returncode == 0, run.stderr
     for secret in (cdcs_server.user_token, elabftw_fake.api_key):
         assert secret not in run.stdout + run.stderr
@@ -102,16 +105,7 @@ def test_records_reach_cdcs_and_elabftw_and_the_log(
 
     # The builder drops the same records again: nothing is published twice.
     experiments_before = len(elabftw_fake.experiments)
-    for name, record in names.items():
-        shutil.copyfile(corpus / record, drop / name)
-    again = subprocess.run(
-        [sys.executable, "-m", "nxdrop", "run", "--once"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    again = drop_and_run()
     assert again.returncode == 0, again.stderr
     for name in names:
         assert len(cdcs_server.client.records_titled(name.removesuffix(".xml"))) == 1
