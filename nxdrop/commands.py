@@ -89,7 +89,12 @@ def status(settings: Settings, session: str | None, *, as_json: bool, limit: int
     if as_json:
         print(json.dumps([asdict(r) for r in rows], default=_json_default, indent=2))
     else:
-        print(_table(columns, [[_cell(getattr(r, c)) for c in columns] for r in rows]))
+        print(
+            _table(
+                columns,
+                [[_cell(getattr(r, c), whole=c == "record_url") for c in columns] for r in rows],
+            )
+        )
     return EXIT_OK
 
 
@@ -97,13 +102,14 @@ def _json_default(value: object) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-def _cell(value: object) -> str:
+def _cell(value: object, *, whole: bool = False) -> str:
+    """A table cell: times local, long text cut (a URL never: it is there to be copied)."""
     if value is None:
         return "-"
     if isinstance(value, datetime):
         return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
     text = str(value).replace("\n", " ")
-    return text if len(text) <= 60 else text[:59] + "…"
+    return text if whole or len(text) <= 60 else text[:59] + "…"
 
 
 def _table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
