@@ -14,8 +14,9 @@ from nxdrop.settings import Settings, Strategy, load_settings
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _common_options(*, default: object) -> argparse.ArgumentParser:
+    """Options valid before or after the command (`nxdrop --env-file F run`, `run --env-file F`)."""
+    common = argparse.ArgumentParser(add_help=False, argument_default=default)
     common.add_argument(
         "--env-file",
         type=Path,
@@ -32,11 +33,16 @@ def _parser() -> argparse.ArgumentParser:
         help="export strategy (NX_EXPORT_STRATEGY)",
     )
     common.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return common
 
+
+def _parser() -> argparse.ArgumentParser:
+    # After the command, an option left out must not erase the same option given before it.
+    common = _common_options(default=argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
         prog="nxdrop",
         description="Publish NexusLIMS records dropped into a folder.",
-        parents=[common],
+        parents=[_common_options(default=None)],
     )
     parser.add_argument("--version", action="version", version=f"nxdrop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -249,3 +249,15 @@ def test_two_daemons_sharing_a_folder_export_each_file_once(
             "SELECT session_identifier, COUNT(*) FROM upload_log GROUP BY session_identifier"
         ).fetchall()
     assert sorted(rows) == [(n.removesuffix(".xml"), 1) for n in names]
+
+
+def test_options_count_before_and_after_the_command(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    env_file = tmp_path / "nxdrop.env"
+    env_file.write_text(f"NX_ARCHIVE_PATH={tmp_path / 'from-file'}\n")
+    for args in (["--env-file", str(env_file), "check"], ["check", "--env-file", str(env_file)]):
+        result = nxdrop(*args, NX_ARCHIVE_PATH="")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "✓ destination archive" in result.stdout
+    assert (tmp_path / "from-file").is_dir()  # check made the archive folder it was given
