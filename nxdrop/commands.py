@@ -40,14 +40,8 @@ def run(settings: Settings, *, once: bool) -> int:
     daemon = Daemon(build_app(settings))
     if once:
         reports = daemon.run_once()
-        return (
-            EXIT_OK
-            if all(
-                r.outcome is not Outcome.FAILED and r.outcome is not Outcome.REJECTED
-                for r in reports
-            )
-            else EXIT_FAILED
-        )
+        failed = any(r.outcome in (Outcome.FAILED, Outcome.REJECTED) for r in reports)
+        return EXIT_FAILED if failed else EXIT_OK
     return daemon.run()
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import peewee
 from playhouse.db_url import connect
@@ -140,6 +140,9 @@ class UploadRow:
     status_code: int | None
     duration_seconds: float | None
     metadata: dict[str, Any]
+
+
+_Row = TypeVar("_Row", SessionRow, UploadRow)
 
 
 class Store:
@@ -302,30 +305,15 @@ def _connect(url: str) -> Any:
 
 
 def _session_row(row: Any) -> SessionRow:
-    return SessionRow(
-        session_identifier=row.session_identifier,
-        instrument=row.instrument,
-        user=row.user,
-        record_status=row.record_status,
-        timestamp=row.timestamp,
-        file_name=row.file_name,
-        error_message=row.error_message,
-    )
+    return _copy(SessionRow, row)
 
 
 def _upload_row(row: Any) -> UploadRow:
-    return UploadRow(
-        id=row.id,
-        session_identifier=row.session_identifier,
-        destination_name=row.destination_name,
-        success=bool(row.success),
-        state=row.state,
-        timestamp=row.timestamp,
-        record_id=row.record_id,
-        record_url=row.record_url,
-        error_message=row.error_message,
-        attempts=row.attempts,
-        status_code=row.status_code,
-        duration_seconds=row.duration_seconds,
-        metadata=json.loads(row.metadata_json) if row.metadata_json else {},
-    )
+    metadata = json.loads(row.metadata_json) if row.metadata_json else {}
+    return _copy(UploadRow, row, success=bool(row.success), metadata=metadata)
+
+
+def _copy(cls: type[_Row], row: Any, **computed: Any) -> _Row:
+    """A dataclass of the model row's same-named columns, with ``computed`` ones given."""
+    columns = {f.name: getattr(row, f.name) for f in fields(cls) if f.name not in computed}
+    return cls(**columns, **computed)
