@@ -1,38 +1,69 @@
-"""Assembling nxdrop from its settings: destinations, the store, the pipeline."""
+"""Assembling nxdrop from its settings: destinations, store, working folder, pipeline."""
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 
 from nxdrop.destinations.base import ExportDestination
 from nxdrop.destinations.registry import Found, discover, enabled_destinations
+from nxdrop.folders import DropFolder, WorkFolder
 from nxdrop.pipeline import Pipeline
+from nxdrop.runner import Stop
 from nxdrop.settings import Settings
 from nxdrop.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class App:
-    """Everything a command needs, built once."""
+    """Everything the exporting commands need, built once."""
 
     settings: Settings
     found: list[Found]
     destinations: list[ExportDestination]
     store: Store
+    work: WorkFolder
     pipeline: Pipeline
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: Stop
+
+    def put_back_held(self) -> int:
+        """Return whatever the working folder still holds to the drop folder; how many."""
+        back = 0
+        for path in self.work.held():
+            try:
+                self.work.put_back(path, path.name)
+            except FileNotFoundError:
+                continue  # its worker moved it on just now
+            back += 1
+        return back
+
+    def close(self) -> None:
+        """Release the working folder (the next process of this host may take it)."""
+        self.work.release()
 
 
-def build_app(settings: Settings) -> App:
-    """Load destinations (at least one must be enabled), open the database, make the folders.
+def build_app(settings: Settings, destinations: list[ExportDestination] | None = None) -> App:
+    """Load destinations (at least one must be enabled), open the database, take a
+    working folder and recover what dead processes of this host left behind.
 
+    ``destinations`` replaces the discovered ones (for embedding nxdrop, and for tests).
     Raises :class:`~nxdrop.exceptions.ConfigError` for anything the operator must fix.
     """
-    found = discover(settings)
-    destinations = enabled_destinations(found)
+    found = discover(settings) if destinations is None else []
+    if destinations is None:
+        destinations = enabled_destinations(found)
     store = Store(settings.database_url)
-    stop = threading.Event()
-    pipeline = Pipeline(settings, destinations, store, stop=stop)
-    pipeline.folder.create()
-    return App(settings, found, destinations, store, pipeline, stop)
+    work, recovery = WorkFolder.acquire(DropFolder(settings.drop))
+    interrupted = store.recover(recovery.workers)
+    if interrupted:
+        log.warning(
+            "%d destination call%s were in flight when nxdrop last stopped: marked interrupted; "
+            "the next attempt looks for what they made before creating anything",
+            interrupted,
+            "" if interrupted == 1 else "s",
+        )
+    stop = Stop()
+    pipeline = Pipeline(settings, destinations, store, work, stop=stop)
+    return App(settings, found, destinations, store, work, pipeline, stop)

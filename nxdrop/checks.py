@@ -18,8 +18,8 @@ def disabled_reason(found: Found) -> str:
     """Why a destination is off, in its own words where it has them."""
     if found.error:
         return found.error
-    reason = getattr(found.destination, "disabled_reason", None)
-    return str(reason) if reason else "not configured"
+    reason = found.destination.disabled_reason if found.destination is not None else None
+    return reason or "not configured"
 
 
 def list_destinations(settings: Settings, out: TextIO = sys.stdout) -> int:

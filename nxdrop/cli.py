@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     retry = sub.add_parser(
         "retry", parents=[common], help="move failed files back into the drop folder"
     )
-    retry.add_argument("files", nargs="*", metavar="FILE")
+    retry.add_argument(
+        "files", nargs="*", metavar="FILE|SESSION", help="a file in failed/, or a session"
+    )
     retry.add_argument("--all", action="store_true", help="every file in failed/")
 
     sub.add_parser(
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "retry" and bool(args.files) == bool(args.all):
-        parser.error("retry: name FILEs or give --all (not both)")
+        parser.error("retry: name FILEs or SESSIONs, or give --all (not both)")
     try:
         settings = _settings(args)
         return _dispatch(args, settings)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from dataclasses import asdict
 from datetime import datetime
@@ -11,7 +13,6 @@ from typing import Any
 
 from nxdrop.app import build_app
 from nxdrop.folders import DropFolder
-from nxdrop.pipeline import Outcome
 from nxdrop.progress import Progress
 from nxdrop.settings import Settings
 from nxdrop.store import Store
@@ -22,34 +23,50 @@ EXIT_OK, EXIT_FAILED = 0, 1
 def export(settings: Settings, files: list[Path]) -> int:
     """``nxdrop export FILE…``: 0 when every file was exported, else 1."""
     app = build_app(settings)
-    progress = Progress(len(files))
-    failed = 0
-    for path in files:
-        report = app.pipeline.export_file(path)
-        progress.advance(report.ok)
-        if not report.ok:
-            failed += 1
-            print(f"{path}: {report.outcome.value}: {report.error}", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+    try:
+        progress = Progress(len(files))
+        failed = 0
+        for path in files:
+            report = app.pipeline.process(path)
+            progress.advance(report.ok)
+            if not report.ok:
+                failed += 1
+                print(f"{path}: {report.outcome.value}: {report.error}", file=sys.stderr)
+        return EXIT_FAILED if failed else EXIT_OK
+    finally:
+        app.close()
 
 
 def run(settings: Settings, *, once: bool) -> int:
     """``nxdrop run [--once]``: the daemon, or one pass over the drop folder."""
     from nxdrop.daemon import Daemon
 
-    daemon = Daemon(build_app(settings))
+    app = build_app(settings)
+    daemon = Daemon(app, watch=not once)
     if once:
-        reports = daemon.run_once()
-        failed = any(r.outcome in (Outcome.FAILED, Outcome.REJECTED) for r in reports)
-        return EXIT_FAILED if failed else EXIT_OK
-    return daemon.run()
+        summary = daemon.run_once()
+        if summary.not_finished:
+            print(
+                f"nxdrop: {summary.not_finished} of {summary.found} files not exported",
+                file=sys.stderr,
+            )
+        code = EXIT_OK if summary.ok else EXIT_FAILED
+    else:
+        code = daemon.run()
+    app.close()
+    if daemon.stuck:
+        # A destination call that never returns holds a worker thread, and the interpreter
+        # would wait for it at exit: leave now (its file is back in the drop folder).
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
-def retry(settings: Settings, files: list[str] | None) -> int:
-    """``nxdrop retry``: move failed files (or all of them) back into the drop folder."""
+def retry(settings: Settings, names: list[str] | None) -> int:
+    """``nxdrop retry``: move failed files (by name or session, or all) back to the drop folder."""
     folder = DropFolder(settings.drop)
     try:
-        moved = folder.retry(files)
+        moved = folder.retry(names)
     except FileNotFoundError as exc:
         print(f"nxdrop: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,58 +1,77 @@
-"""The drop folder: which names are records, and the moves into ``uploaded/`` and ``failed/``.
+"""The drop folder and the working folder a process claims records into.
 
-Every move is one ``rename`` on the same filesystem, so a file is always in exactly one
-place, and it never replaces an existing name (``renameat2(RENAME_NOREPLACE)`` where the
-kernel and filesystem have it, ``link`` + ``unlink`` otherwise).
+A record is taken by renaming it out of the drop folder into this process's hidden working
+folder, ``<drop>/.nxdrop/work/<host>-<n>/`` (the maildir pattern): a rename is atomic on
+every filesystem, NFS included, so of two processes that reach for one file exactly one
+gets it, and a file written or renamed into the drop folder afterwards, under the same name,
+is a new file, taken in its turn. From the working folder the record moves on to
+``uploaded/`` or ``failed/``, or back into the drop folder. Every move is one rename that
+never replaces an existing name, so a file is always in exactly one place.
+
+Each working folder belongs to the process that holds the ``flock`` of its lock file
+``.nxdrop/work/<host>-<n>.lock``. A process starting on a host takes the first free slot and
+puts back what every unlocked (dead) slot of that host still holds. The slot name is also
+the ``worker`` of the process's rows in the database, so a later step can let another host
+take over a dead host's slot through the database.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
-import functools
 import json
+import logging
 import os
+import re
+import socket
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
-from enum import Enum
+from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
 from typing import Any
 
-from nxdrop.records import RECORD_SUFFIX
+from nxdrop.fsops import (
+    XML,
+    base_stem,
+    copy_names,
+    move_to_free_name,
+    rename_noreplace,
+    write_atomically,
+)
+
+log = logging.getLogger(__name__)
 
 UPLOADED = "uploaded"
 FAILED = "failed"
+STATE = ".nxdrop"
 ERROR_SUFFIX = ".error.json"
 PARTIAL_SUFFIXES = (".part", ".tmp", "~")
-
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
+_UNSAFE_HOST = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def is_record_name(name: str) -> bool:
     """A name the drop folder treats as a record (links are records too, to be refused)."""
     return (
-        name.endswith(RECORD_SUFFIX)
+        name.endswith(XML)
         and not name.startswith(".")
         and not name.endswith(PARTIAL_SUFFIXES)
-        and len(name) > len(RECORD_SUFFIX)
+        and len(name) > len(XML)
     )
 
 
 class DropFolder:
-    """The watched folder, with ``uploaded/`` and ``failed/`` inside it."""
+    """The watched folder, with ``uploaded/``, ``failed/`` and the hidden ``.nxdrop/``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.uploaded = path / UPLOADED
         self.failed = path / FAILED
+        self.work = path / STATE / "work"
 
     def create(self) -> None:
         """Make the folders (and only them); a missing parent is made too."""
-        for folder in (self.path, self.uploaded, self.failed):
+        for folder in (self.path, self.uploaded, self.failed, self.work):
             folder.mkdir(parents=True, exist_ok=True)
 
     def holds(self, path: Path) -> bool:
@@ -69,8 +88,8 @@ class DropFolder:
             return False
         return stat.S_ISREG(mode) or stat.S_ISLNK(mode)
 
-    def scan(self) -> Iterator[Path]:
-        """The candidates now in the folder, oldest first (by mtime), lazily sorted."""
+    def scan(self) -> list[tuple[float, Path]]:
+        """The candidates now in the folder with their mtimes, oldest first."""
         entries: list[tuple[float, str]] = []
         with os.scandir(self.path) as it:
             for entry in it:
@@ -81,159 +100,171 @@ class DropFolder:
                         entries.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
                 except FileNotFoundError:
                     continue
-        for _, name in sorted(entries):
-            yield self.path / name
-
-    def move_to_uploaded(self, path: Path) -> Path:
-        """Move an exported record into ``uploaded/``; its new path."""
-        return self._move(path, self.uploaded)
-
-    def move_to_failed(self, path: Path, report: dict[str, Any]) -> Path:
-        """Move a record into ``failed/`` and write ``<name>.error.json`` beside it."""
-        target = self._move(path, self.failed)
-        error_file = target.with_name(target.name + ERROR_SUFFIX)
-        write_atomically(error_file, json.dumps(report, indent=2, default=str) + "\n")
-        return target
+        entries.sort()
+        return [(mtime, self.path / name) for mtime, name in entries]
 
     def retry(self, names: list[str] | None = None) -> list[Path]:
-        """Move failed records back into the drop folder (all of them if ``names`` is None)."""
+        """Move failed records back into the drop folder: every one if ``names`` is None.
+
+        A name is a file in ``failed/`` or a session identifier (all of its failed files).
+        Raises ``FileNotFoundError`` naming the first that is neither, before moving any.
+        """
+        failed = sorted(p for p in self._failed_records())
         if names is None:
-            sources = [p for p in sorted(self.failed.iterdir()) if is_record_name(p.name)]
+            sources = failed
         else:
-            sources = [self._failed_path(name) for name in names]
+            sources = []
+            for name in names:
+                found = self._failed_named(name, failed)
+                if not found:
+                    raise FileNotFoundError(
+                        f"{name}: neither a file nor a session in {self.failed}"
+                    )
+                sources += [p for p in found if p not in sources]
         moved = []
         for source in sources:
-            target = self._move(source, self.path)
-            error_file = source.with_name(source.name + ERROR_SUFFIX)
-            error_file.unlink(missing_ok=True)
-            moved.append(target)
+            moved.append(move_to_free_name(source, self.path, source.name))
+            source.with_name(source.name + ERROR_SUFFIX).unlink(missing_ok=True)
         return moved
 
-    def _failed_path(self, name: str) -> Path:
+    def _failed_records(self) -> Iterator[Path]:
+        with os.scandir(self.failed) as it:
+            for entry in it:
+                if is_record_name(entry.name):
+                    yield self.failed / entry.name
+
+    def _failed_named(self, name: str, failed: list[Path]) -> list[Path]:
         candidate = Path(name)
-        if not candidate.is_absolute() and candidate.parent == Path():
-            candidate = self.failed / candidate
-        if candidate.absolute().parent != self.failed.absolute() or not candidate.exists():
-            raise FileNotFoundError(f"{name}: not a file in {self.failed}")
-        return candidate
-
-    def _move(self, source: Path, folder: Path) -> Path:
-        folder.mkdir(exist_ok=True)
-        return move_without_replacing(source, folder, source.name)
+        if candidate.parent == Path():  # a bare name: a file in failed/, else a session
+            if self.failed / name in failed:
+                return [self.failed / name]
+            return [p for p in failed if base_stem(p.name) == name]
+        in_failed = candidate.absolute().parent == self.failed.absolute()
+        path = self.failed / candidate.name
+        return [path] if in_failed and path in failed else []
 
 
-class Claim(Enum):
-    """What :func:`claim` found."""
+@dataclass
+class Recovery:
+    """What :meth:`WorkFolder.acquire` found left behind by dead processes of this host."""
 
-    OURS = "ours"  # locked by this process until the ``with`` block ends
-    TAKEN = "taken"  # another process holds it
-    GONE = "gone"  # no such file (any more) under this name
+    workers: list[str] = field(default_factory=list)  # slots whose owner died
+    put_back: list[Path] = field(default_factory=list)  # their records, back in the drop folder
 
 
-@contextmanager
-def claim(path: Path) -> Iterator[Claim]:
-    """Hold an exclusive ``flock`` on the file at ``path`` for the ``with`` block.
+class WorkFolder:
+    """This process's working folder: claim a record into it, move it on from it."""
 
-    Two daemons sharing a folder (on one host, or NFS clients, where Linux maps ``flock``
-    to network locks) thus never export one file both. The lock is on the file, not the
-    name, so it holds across the move into ``uploaded/``; a name that now means another
-    file (moved on while we waited) is ``GONE``. A file that cannot be opened (a symbolic
-    link, say) is ``OURS`` to refuse.
-    """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        yield Claim.GONE
-        return
-    except OSError:
-        # A link (ELOOP), or unreadable: not opened here; the reader refuses it with the reason.
-        yield Claim.OURS
-        return
-    try:
+    def __init__(self, drop: DropFolder, worker: str, lock_fd: int) -> None:
+        self.drop = drop
+        self.worker = worker
+        self.path = drop.work / worker
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def acquire(cls, drop: DropFolder, host: str | None = None) -> tuple[WorkFolder, Recovery]:
+        """Take the first free slot of this host; put back what every dead slot holds."""
+        drop.create()
+        prefix = _UNSAFE_HOST.sub("_", host or socket.gethostname()) or "host"
+        recovery = Recovery()
+        mine: WorkFolder | None = None
+        for n in count():
+            worker = f"{prefix}-{n}"
+            lock_path = drop.work / f"{worker}.lock"
+            known = lock_path.exists() or (drop.work / worker).exists()
+            if mine is not None and not known:
+                break  # slots are numbered from 0: nothing beyond the first unknown one
+            fd = _try_lock(lock_path)
+            if fd is None:
+                continue  # alive: another process of this host owns it
+            slot = cls(drop, worker, fd)
+            recovery.workers.append(worker)
+            recovery.put_back += slot._put_back_all()
+            if mine is None:
+                mine = slot
+                slot.path.mkdir(exist_ok=True)
+            else:
+                slot.release()
+        assert mine is not None
+        return mine, recovery
+
+    def release(self) -> None:
+        """Give up the slot (at exit; the kernel does it when the process dies)."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def claim(self, path: Path) -> Path | None:
+        """Rename ``path`` into the working folder; ``None`` if it is gone (taken by another)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield Claim.TAKEN
-            return
-        try:
-            same = path.lstat().st_ino == os.fstat(fd).st_ino
+            return move_to_free_name(path, self.path, path.name)
         except FileNotFoundError:
-            same = False
-        yield Claim.OURS if same else Claim.GONE
-    finally:
-        os.close(fd)
+            return None
 
+    def put_back(self, work_path: Path, name: str) -> Path:
+        """Return a claimed record to the drop folder, as ``name`` or a free copy name."""
+        return move_to_free_name(work_path, self.drop.path, name)
 
-def move_without_replacing(source: Path, folder: Path, name: str) -> Path:
-    """Rename ``source`` to ``folder/name``, or ``name`` with ``.1``, ``.2``… if that is taken."""
-    for target in unique_names(folder, name):
+    def to_uploaded(self, work_path: Path, name: str) -> Path:
+        """Move an exported record into ``uploaded/``; its new path."""
+        return move_to_free_name(work_path, self.drop.uploaded, name)
+
+    def to_failed(self, work_path: Path, name: str, report: dict[str, Any]) -> Path:
+        """Move a record into ``failed/``, its ``<name>.error.json`` written first.
+
+        Written first, so a crash between the two steps never leaves a failed record
+        without its reason (at worst a reason without its record, overwritten later).
+        """
+        data = (json.dumps(report, indent=2, default=str) + "\n").encode()
+        for target in copy_names(self.drop.failed, name):
+            if os.path.lexists(target):
+                continue
+            write_atomically(target.with_name(target.name + ERROR_SUFFIX), data)
+            try:
+                rename_noreplace(work_path, target)
+            except FileExistsError:
+                continue
+            return target
+        raise AssertionError("unreachable: copy_names is endless")
+
+    def held(self) -> list[Path]:
+        """The records now in the working folder."""
+        with os.scandir(self.path) as it:
+            return [self.path / entry.name for entry in it]
+
+    def _put_back_all(self) -> list[Path]:
         try:
-            rename_noreplace(source, target)
-        except FileExistsError:
-            continue
-        return target
-    raise AssertionError("unreachable: unique_names is endless")
+            held = self.held()
+        except FileNotFoundError:
+            return []
+        back = [self.put_back(path, path.name) for path in held]
+        if back:
+            log.warning(
+                "%d record%s left in %s by a process that stopped: put back into the drop folder",
+                len(back),
+                "" if len(back) == 1 else "s",
+                self.path,
+            )
+        return back
 
 
-def rename_noreplace(source: Path, target: Path) -> None:
-    """``rename`` that raises ``FileExistsError`` instead of replacing ``target``."""
-    renameat2 = _renameat2()
-    if renameat2 is not None:
-        rc = renameat2(
-            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
-        )
-        if rc == 0:
-            return
-        err = ctypes.get_errno()
-        if err == errno.EEXIST:
-            raise FileExistsError(err, os.strerror(err), str(target))
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(source))
-    # Filesystems without RENAME_NOREPLACE: link() fails on an existing name too.
+def _try_lock(lock_path: Path) -> int | None:
+    """An fd holding the ``flock`` of ``lock_path``, or ``None`` if another process holds it."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        os.link(source, target, follow_symlinks=False)
-    except FileExistsError:
-        raise
-    except OSError:
-        # No hard links either (some SMB mounts): check, then rename; a tiny race remains.
-        if target.exists() or target.is_symlink():
-            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
-        os.rename(source, target)
-        return
-    os.unlink(source)
-
-
-def unique_names(folder: Path, name: str) -> Iterator[Path]:
-    """``folder/name``, then ``folder/<stem>.1.xml``, ``<stem>.2.xml``, … endlessly."""
-    yield folder / name
-    stem = name[: -len(RECORD_SUFFIX)] if name.endswith(RECORD_SUFFIX) else name
-    suffix = RECORD_SUFFIX if name.endswith(RECORD_SUFFIX) else ""
-    n = 1
-    while True:
-        yield folder / f"{stem}.{n}{suffix}"
-        n += 1
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a hidden temporary name, fsync, and rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-@functools.cache
-def _renameat2() -> Any:
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
         return None
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    func = getattr(libc, "renameat2", None)
-    if func is None:
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    return func
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            os.close(fd)
+            raise
+        # No lock service (an NFS mount without lockd, say): the slot is ours unchecked.
+        log.warning(
+            "%s: this filesystem cannot lock files (%s): run only one nxdrop per host "
+            "on this drop folder",
+            lock_path,
+            exc.strerror,
+        )
+    return fd

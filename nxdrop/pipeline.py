@@ -1,32 +1,37 @@
-"""The pipeline: one record file through the destinations, into the log and the archive.
+"""The per-file job: claim, lock the session, read, run the strategy, log, move on.
 
-``run_strategy`` is the pure part (which destinations run, and what counts as exported);
-:class:`Pipeline` wraps it with reading, retries, the database and the folder moves.
+A record in the drop folder is claimed by renaming it into this process's working folder
+(:class:`~nxdrop.folders.WorkFolder`), its session is locked (in this process and in the
+database), and it is read and exported from there. Its outcome is logged in
+``session_log`` before it moves to ``uploaded/`` or ``failed/``. A file rewritten in place
+while it was exported is read again and its new content exported too (an update), so
+nothing reaches ``uploaded/`` unsent. When nxdrop stops mid-way the file goes back into
+the drop folder.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import backoff
-
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult, utcnow
-from nxdrop.exceptions import DestinationError, RecordError, TransientError
-from nxdrop.folders import Claim, DropFolder, claim
+from nxdrop.exceptions import RecordError
+from nxdrop.folders import DropFolder, WorkFolder
 from nxdrop.records import Record, RecordReader, session_identifier_of
+from nxdrop.runner import Abandoned, DestinationRunner, Stop
 from nxdrop.settings import Settings, Strategy
-from nxdrop.store import RecordStatus, Store
+from nxdrop.store import RecordStatus, Standing, Store
 
 log = logging.getLogger(__name__)
 
-Attempt = Callable[[ExportDestination, ExportContext], ExportResult]
+MAX_ROUNDS = 5  # exports of one file that keeps changing before it is given up
+LOCK_POLL_SECONDS = 0.5  # how often a session held by another process is asked for again
 
 
 class Outcome(StrEnum):
@@ -35,19 +40,19 @@ class Outcome(StrEnum):
     EXPORTED = "exported"  # the strategy counts it a success: uploaded/
     FAILED = "failed"  # destinations failed: failed/
     REJECTED = "rejected"  # the record itself is bad; no destination contacted: failed/
-    ABANDONED = "abandoned"  # nxdrop stopped mid-way; the file stays in the drop folder
-    GONE = "gone"  # the file vanished before it was read (taken by someone else)
+    ABANDONED = "abandoned"  # nxdrop stopped mid-way; the file is back in the drop folder
+    GONE = "gone"  # the file vanished before it was claimed (taken by someone else)
 
 
 @dataclass
 class FileReport:
-    """The story of one file, for the CLI, the daemon and the error file."""
+    """The story of one file, for the CLI and the daemon."""
 
     path: Path
     session_identifier: str
     outcome: Outcome
     results: list[ExportResult] = field(default_factory=list)
-    archived_to: Path | None = None
+    moved_to: Path | None = None
     error: str | None = None
 
     @property
@@ -64,264 +69,197 @@ def is_exported(strategy: Strategy, results: list[ExportResult]) -> bool:
     return any(r.success for r in results)
 
 
-def run_strategy(
-    strategy: Strategy,
-    destinations: list[ExportDestination],
-    context: ExportContext,
-    attempt: Attempt,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> list[ExportResult]:
-    """Run ``destinations`` (priority order) under ``strategy``; each sees the earlier results.
+class SessionLocks:
+    """One lock per session identifier in this process, kept only while someone holds it."""
 
-    ``all`` and ``best_effort`` run every destination; ``first_success`` stops at the first
-    success. ``attempt`` never raises: it turns every failure into a failed result.
-    """
-    results: list[ExportResult] = []
-    for destination in destinations:
-        if should_stop():
-            break
-        result = attempt(destination, context)
-        context.previous_results[destination.name] = result
-        results.append(result)
-        if strategy is Strategy.FIRST_SUCCESS and result.success:
-            break
-    return results
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextmanager
+    def hold(self, session: str) -> Iterator[None]:
+        with self._mutex:
+            lock, users = self._held.get(session, (threading.Lock(), 0))
+            self._held[session] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._mutex:
+                lock, users = self._held[session]
+                if users == 1:
+                    del self._held[session]
+                else:
+                    self._held[session] = (lock, users - 1)
 
 
 class Pipeline:
-    """Exports record files; one instance serves every worker thread."""
+    """Exports record files; one instance serves every worker thread of a process."""
 
     def __init__(
         self,
         settings: Settings,
         destinations: list[ExportDestination],
         store: Store,
+        work: WorkFolder,
         *,
-        stop: threading.Event | None = None,
+        stop: Stop | None = None,
     ) -> None:
         self.settings = settings
-        self.destinations = destinations
+        self.strategy = settings.export_strategy
         self.store = store
+        self.work = work
+        self.folder: DropFolder = work.drop
+        self.stop = stop or Stop()
         self.reader = RecordReader(settings.max_record_bytes, settings.schema_path)
-        self.folder = DropFolder(settings.drop)
-        self.stop = stop or threading.Event()
-
-    def export_file(self, path: Path) -> FileReport:
-        """Export one file; files in the drop folder are then moved as the daemon would.
-
-        The file is locked while it runs, so two daemons sharing a folder (or a daemon and
-        ``nxdrop export``) never export it both.
-        """
-        session = session_identifier_of(path)
-        with claim(path) as claimed:
-            if claimed is Claim.GONE:
-                return FileReport(path, session, Outcome.GONE, error="no such file")
-            if claimed is Claim.TAKEN:
-                log.info(
-                    "%s: another nxdrop is exporting it",
-                    path.name,
-                    extra={"SESSION_ID": session, "FILE": str(path)},
-                )
-                return FileReport(path, session, Outcome.GONE, error="taken by another process")
-            return self._export(path, session)
-
-    def _export(self, path: Path, session: str) -> FileReport:
-        try:
-            record = self.reader.read(path)
-        except RecordError as exc:
-            return self._reject(path, session, str(exc))
-        extra = {"SESSION_ID": session, "FILE": str(path)}
-        log.info("exporting %s (%d bytes)", path.name, len(record.content), extra=extra)
-        self.store.set_session(session, RecordStatus.EXPORTING, record=record)
-        context = ExportContext.for_record(record)
-        strategy = self.settings.export_strategy
-        results = run_strategy(
-            strategy,
-            self.destinations,
-            context,
-            lambda dest, ctx: self._attempt(dest, ctx, record),
-            self.stop.is_set,
-        )
-        finished = len(results) == len(self.destinations) or (
-            strategy is Strategy.FIRST_SUCCESS and bool(results) and results[-1].success
-        )
-        if self.stop.is_set() and not (finished and is_exported(strategy, results)):
-            # Cleanly abandoned: the file stays where it is and runs again at the next start,
-            # where what succeeded now is reused (same bytes), not sent again.
-            self.store.set_session(
-                session,
-                RecordStatus.EXPORTING,
-                record=record,
-                error_message="interrupted: nxdrop stopped",
+        self.runners = [
+            DestinationRunner(
+                d,
+                store,
+                worker=work.worker,
+                retry_max_time=settings.retry_max_time,
+                stop=self.stop,
             )
-            log.warning("%s: left in the drop folder, nxdrop is stopping", path.name, extra=extra)
-            return FileReport(path, session, Outcome.ABANDONED, results, error="interrupted")
-        return self._finish(record, results)
+            for d in destinations
+        ]
+        self.sessions = SessionLocks()
 
-    def _finish(self, record: Record, results: list[ExportResult]) -> FileReport:
-        session, path = record.session_identifier, record.path
-        extra = {"SESSION_ID": session, "FILE": str(path)}
-        exported = is_exported(self.settings.export_strategy, results)
-        failures = [r for r in results if not r.success]
-        error = "; ".join(f"{r.destination_name}: {r.error_message}" for r in failures) or None
+    def process(self, path: Path) -> FileReport:
+        """Export one file. A file in the drop folder is claimed and then moved on as the
+        daemon does; a file elsewhere (``nxdrop export``) is exported where it is."""
+        name = path.name
+        session = session_identifier_of(name)
+        with self.sessions.hold(session):
+            if not self.folder.holds(path):
+                return self._locked(path, name, session, path, move=False)
+            work_path = self.work.claim(path)
+            if work_path is None:
+                return FileReport(path, session, Outcome.GONE, error="no such file any more")
+            try:
+                return self._locked(path, name, session, work_path, move=True)
+            except Abandoned as exc:
+                back = self._put_back(work_path, name)
+                self.store.set_session(
+                    session, RecordStatus.EXPORTING, file_name=name, error_message=f"{exc}"
+                )
+                log.warning(
+                    "%s: left in the drop folder: %s", name, exc, extra=_fields(session, name)
+                )
+                return FileReport(path, session, Outcome.ABANDONED, moved_to=back, error=str(exc))
+            except BaseException:
+                self._put_back(work_path, name)
+                raise
+
+    def _put_back(self, work_path: Path, name: str) -> Path | None:
+        if not work_path.is_symlink() and not work_path.exists():
+            return None  # it had already moved on
+        return self.work.put_back(work_path, name)
+
+    def _locked(
+        self, path: Path, name: str, session: str, source: Path, *, move: bool
+    ) -> FileReport:
+        """Hold the session in the database while the file runs."""
+        worker = self.work.worker
+        waiting = False
+        while not self.store.lock_session(session, worker, name):
+            if not waiting:
+                waiting = True
+                log.info(
+                    "%s: another nxdrop is exporting session %s; waiting for it",
+                    name,
+                    session,
+                    extra=_fields(session, name),
+                )
+            if self.stop.requested.wait(LOCK_POLL_SECONDS):
+                raise Abandoned("nxdrop stopped while another process held the session")
+        try:
+            return self._run(path, name, session, source, move=move)
+        finally:
+            self.store.unlock_session(session, worker)
+
+    def _run(self, path: Path, name: str, session: str, source: Path, *, move: bool) -> FileReport:
+        extra = _fields(session, name)
+        for round_ in range(1, MAX_ROUNDS + 1):
+            try:
+                record = self.reader.read(source, name)
+            except RecordError as exc:
+                return self._reject(path, name, session, source, str(exc), move=move)
+            log.info("exporting %s (%d bytes)", name, len(record.content), extra=extra)
+            results = self._destinations(record)
+            if self.stop.now.is_set() and not is_exported(self.strategy, results):
+                # Cut short by the stop, perhaps by it: the next start runs it again.
+                raise Abandoned("nxdrop stopped before the export was done")
+            if not record.changed():
+                return self._finish(path, record, results, move=move)
+            if round_ < MAX_ROUNDS:
+                log.warning(
+                    "%s changed while it was exported: exporting its new content", name, extra=extra
+                )
+        error = f"the file kept changing while it was exported ({MAX_ROUNDS} times)"
+        return self._finish(path, record, results, move=move, error=error)
+
+    def _destinations(self, record: Record) -> list[ExportResult]:
+        """Run the destinations in priority order; each sees the results before it."""
+        standings = self.store.standings(record.session_identifier)
+        context = ExportContext.for_record(record)
+        results: list[ExportResult] = []
+        for runner in self.runners:
+            if self.stop.now.is_set():
+                raise Abandoned("nxdrop stopped between destinations")
+            previous = {r.destination_name: r for r in results}
+            standing = standings.get((runner.name, runner.destination.endpoint), Standing())
+            result = runner.run(replace(context, previous_results=previous), record, standing)
+            results.append(result)
+            if self.strategy is Strategy.FIRST_SUCCESS and result.success:
+                break
+        return results
+
+    def _finish(
+        self,
+        path: Path,
+        record: Record,
+        results: list[ExportResult],
+        *,
+        move: bool,
+        error: str | None = None,
+    ) -> FileReport:
+        session, name = record.session_identifier, record.name
+        extra = _fields(session, name)
+        exported = error is None and is_exported(self.strategy, results)
+        failures = [f"{r.destination_name}: {r.error_message}" for r in results if not r.success]
+        error = "; ".join(([error] if error else []) + failures) or None
         if exported:
             self.store.set_session(
                 session, RecordStatus.COMPLETED, record=record, error_message=error
             )
-            archived = self._archive(path, exported=True)
-            log.info("%s exported (%s)", path.name, _summary(results), extra=extra)
-            return FileReport(path, session, Outcome.EXPORTED, results, archived, error)
+            moved = self.work.to_uploaded(record.path, name) if move else None
+            log.info("%s exported (%s)", name, _summary(results), extra=extra)
+            return FileReport(path, session, Outcome.EXPORTED, results, moved, error)
         self.store.set_session(
             session, RecordStatus.BUILT_NOT_EXPORTED, record=record, error_message=error
         )
-        report = _error_report(
-            record.name,
-            session,
-            self.settings.export_strategy,
-            error,
-            results,
-            sha256=record.sha256,
-        )
-        archived = self._archive(path, exported=False, report=report)
-        log.error("%s NOT exported: %s", path.name, error, extra=extra)
-        return FileReport(path, session, Outcome.FAILED, results, archived, error)
+        moved = None
+        if move:
+            report = _error_report(name, session, self.strategy, error, results, record.sha256)
+            moved = self.work.to_failed(record.path, name, report)
+        log.error("%s NOT exported: %s", name, error, extra=extra)
+        return FileReport(path, session, Outcome.FAILED, results, moved, error)
 
-    def _reject(self, path: Path, session: str, error: str) -> FileReport:
-        log.error(
-            "%s rejected: %s", path.name, error, extra={"SESSION_ID": session, "FILE": str(path)}
-        )
-        self.store.set_session(
-            session, RecordStatus.ERROR, file_name=path.name, error_message=error
-        )
-        report = _error_report(
-            path.name, session, self.settings.export_strategy, f"record rejected: {error}", []
-        )
-        try:
-            archived = self._archive(path, exported=False, report=report)
-        except FileNotFoundError:
-            return FileReport(path, session, Outcome.GONE, error=error)
-        return FileReport(path, session, Outcome.REJECTED, [], archived, error)
-
-    def _archive(
-        self, path: Path, *, exported: bool, report: dict[str, Any] | None = None
-    ) -> Path | None:
-        if not self.folder.holds(path):
-            return None  # `nxdrop export` of a file elsewhere: leave it where it is
-        if exported:
-            return self.folder.move_to_uploaded(path)
-        return self.folder.move_to_failed(path, report or {})
-
-    # -- one destination ---------------------------------------------------------------
-
-    def _attempt(
-        self, destination: ExportDestination, context: ExportContext, record: Record
-    ) -> ExportResult:
-        """One destination, with reuse of an earlier identical export, retries and the log."""
-        name = str(destination.name)
-        earlier = self.store.earlier_success(name, record.sha256)
-        attempt_id = self.store.begin_attempt(record, name)
-        started = time.monotonic()
-        if earlier is not None:
-            previous = ExportResult(
-                success=True,
-                destination_name=name,
-                record_id=earlier.record_id,
-                record_url=earlier.record_url,
-                metadata={**earlier.metadata, "reused_from": earlier.id},
-            )
-            reconcile = getattr(destination, "reconcile", None)
-            call: Callable[[], ExportResult] = (
-                (lambda: reconcile(context, previous))
-                if callable(reconcile)
-                else (lambda: previous)
-            )
-        else:
-            call = lambda: destination.export(context)  # noqa: E731
-        result = self._with_retries(name, context, call)
-        if earlier is not None and result.success:
-            result.metadata.setdefault("reused_from", earlier.id)
-        self.store.finish_attempt(attempt_id, result, time.monotonic() - started)
-        extra = {
-            "SESSION_ID": context.session_identifier,
-            "DESTINATION": name,
-            "RECORD_ID": result.record_id or "",
-            "FILE": str(context.xml_file_path),
-        }
-        if result.success:
-            log.info(
-                "%s → %s: %s%s",
-                record.name,
-                name,
-                result.record_url or result.record_id,
-                " (already there)" if earlier is not None else "",
-                extra=extra,
-            )
-        else:
-            log.warning("%s → %s failed: %s", record.name, name, result.error_message, extra=extra)
-        return result
-
-    def _with_retries(
-        self, name: str, context: ExportContext, call: Callable[[], ExportResult]
-    ) -> ExportResult:
-        budget = self.settings.retry_max_time
-        started = time.monotonic()
-        delays: Iterator[float] = backoff.expo(base=2, factor=0.5, max_value=30)
-        next(delays)  # prime the generator (backoff's wait generators start with a yield)
-        attempt = 0
-        while True:
-            attempt += 1
-            context.attempt = attempt
-            try:
-                result = call()
-            except TransientError as exc:
-                delay = (
-                    exc.retry_after
-                    if exc.retry_after is not None
-                    else backoff.full_jitter(next(delays))
-                )
-                left = budget - (time.monotonic() - started)
-                if delay > left:
-                    return _failed(name, exc, attempt, "gave up retrying: ")
-                log.info(
-                    "%s: %s; retry %d in %.1f s",
-                    name,
-                    exc,
-                    attempt,
-                    delay,
-                    extra={"SESSION_ID": context.session_identifier, "DESTINATION": name},
-                )
-                if self.stop.wait(delay):
-                    return _failed(name, exc, attempt, "nxdrop stopped while retrying: ")
-                continue
-            except DestinationError as exc:
-                return _failed(name, exc, attempt)
-            except Exception as exc:
-                log.exception(
-                    "destination %s raised",
-                    name,
-                    extra={"SESSION_ID": context.session_identifier, "DESTINATION": name},
-                )
-                return _failed(name, exc, attempt, f"unexpected {type(exc).__name__}: ")
-            if not isinstance(result, ExportResult):
-                return ExportResult(
-                    False,
-                    name,
-                    attempts=attempt,
-                    error_message=f"export() returned {type(result).__name__}, not an ExportResult",
-                )
-            result.destination_name = name
-            result.attempts = max(result.attempts, attempt)
-            return result
+    def _reject(
+        self, path: Path, name: str, session: str, source: Path, error: str, *, move: bool
+    ) -> FileReport:
+        log.error("%s rejected: %s", name, error, extra=_fields(session, name))
+        self.store.set_session(session, RecordStatus.ERROR, file_name=name, error_message=error)
+        moved = None
+        if move:
+            report = _error_report(name, session, self.strategy, f"record rejected: {error}", [])
+            moved = self.work.to_failed(source, name, report)
+        return FileReport(path, session, Outcome.REJECTED, [], moved, error)
 
 
-def _failed(name: str, exc: BaseException, attempts: int, prefix: str = "") -> ExportResult:
-    return ExportResult(
-        success=False,
-        destination_name=name,
-        error_message=f"{prefix}{exc}",
-        status_code=getattr(exc, "status_code", None),
-        attempts=attempts,
-    )
+def _fields(session: str, name: str) -> dict[str, str]:
+    """The journal fields of a log line about one file."""
+    return {"SESSION_ID": session, "FILE": name}
 
 
 def _summary(results: list[ExportResult]) -> str:

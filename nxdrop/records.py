@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 import threading
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from pathlib import Path
 from lxml import etree
 
 from nxdrop.exceptions import ConfigError, RecordError
+from nxdrop.fsops import base_stem
 
-RECORD_SUFFIX = ".xml"
+Signature = tuple[int, int, int]  # size, mtime in ns, inode: "the same file, unchanged"
 
 
 def _safe_parser() -> etree.XMLParser:
@@ -34,10 +34,14 @@ def _safe_parser() -> etree.XMLParser:
 class Record:
     """One experiment record, read from the drop folder.
 
-    ``content`` is the file's exact bytes (CRLF and all): destinations send these.
+    ``content`` is the file's exact bytes (CRLF and all): destinations send these. ``path``
+    is where the bytes were read (the working folder), ``name`` the file's name in the drop
+    folder, and ``signature`` the file's size, mtime and inode when it was read.
     """
 
     path: Path
+    name: str
+    signature: Signature
     content: bytes
     sha256: str
     session_identifier: str
@@ -47,10 +51,9 @@ class Record:
     dt_from: datetime | None
     dt_to: datetime | None
 
-    @property
-    def name(self) -> str:
-        """The file name, ``<session_identifier>.xml``."""
-        return self.path.name
+    def changed(self) -> bool:
+        """Whether the file at :attr:`path` is no longer what was read (rewritten in place)."""
+        return signature_of(self.path) != self.signature
 
     @property
     def text(self) -> str:
@@ -58,19 +61,22 @@ class Record:
         return self.content.decode("utf-8")
 
 
-# ``uploaded/`` and ``failed/`` never overwrite: a clash gets ``<stem>.<n>.xml``.
-_COPY_SUFFIX = re.compile(r"\.\d+$")
-
-
-def session_identifier_of(path: Path) -> str:
+def session_identifier_of(name: str) -> str:
     """NexusLIMS names records ``<date>_<instrument>_<id>.xml``; the name is the session.
 
     A ``.<n>`` before ``.xml`` is the copy number that a name clash in ``uploaded/`` or
     ``failed/`` added, so a retried ``failed/x.1.xml`` is still session ``x``.
     """
-    name = path.name
-    stem = name[: -len(RECORD_SUFFIX)] if name.endswith(RECORD_SUFFIX) else name
-    return _COPY_SUFFIX.sub("", stem) or stem
+    return base_stem(name)
+
+
+def signature_of(path: Path) -> Signature | None:
+    """Size, mtime and inode of ``path`` (a link itself, never followed); ``None`` if gone."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 class RecordReader:
@@ -88,9 +94,14 @@ class RecordReader:
             except (OSError, etree.XMLSyntaxError, etree.XMLSchemaParseError) as exc:
                 raise ConfigError(f"NX_SCHEMA_PATH={schema_path}: not a usable XSD: {exc}") from exc
 
-    def read(self, path: Path) -> Record:
-        """Read ``path`` and return the record, or raise :class:`RecordError` saying why."""
-        content = self._read_bytes(path)
+    def read(self, path: Path, name: str | None = None) -> Record:
+        """Read ``path`` and return the record, or raise :class:`RecordError` saying why.
+
+        ``name`` is the file's name in the drop folder (default: ``path``'s own); the
+        session identifier comes from it.
+        """
+        name = name or path.name
+        content, signature = self._read_bytes(path)
         root = self._parse(path, content)
         if self._schema is not None:
             with self._schema_lock:
@@ -100,14 +111,16 @@ class RecordReader:
                 first = log[0] if len(log) else None
                 where = f" (line {first.line})" if first else ""
                 message = first.message if first else "invalid"
-                raise RecordError(f"{path.name}: fails the schema{where}: {message}")
+                raise RecordError(f"fails the schema{where}: {message}")
         summary = _child(root, "summary")
         instrument = _child(summary, "instrument") if summary is not None else None
         return Record(
             path=path,
+            name=name,
+            signature=signature,
             content=content,
             sha256=hashlib.sha256(content).hexdigest(),
-            session_identifier=session_identifier_of(path),
+            session_identifier=session_identifier_of(name),
             title=_text(_child(root, "title")),
             instrument_pid=instrument.get("pid") if instrument is not None else None,
             user=_text(_child(summary, "experimenter")),
@@ -115,47 +128,42 @@ class RecordReader:
             dt_to=_date(path, summary, "reservationEnd"),
         )
 
-    def _read_bytes(self, path: Path) -> bytes:
+    def _read_bytes(self, path: Path) -> tuple[bytes, Signature]:
         # O_NOFOLLOW: a symbolic link is never a record, and what it points to is never read.
         # O_NONBLOCK: a FIFO named like a record must not hang a worker.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             if path.is_symlink():
-                raise RecordError(
-                    f"{path.name}: a symbolic link; links are never followed"
-                ) from None
-            raise RecordError(f"{path.name}: cannot open: {exc.strerror}") from exc
+                raise RecordError("a symbolic link; links are never followed") from None
+            raise RecordError(f"cannot open: {exc.strerror}") from exc
         with os.fdopen(fd, "rb") as fh:
             info = os.fstat(fh.fileno())
             if not stat.S_ISREG(info.st_mode):
-                raise RecordError(f"{path.name}: not a regular file")
+                raise RecordError("not a regular file")
             if info.st_size > self.max_bytes:
                 raise RecordError(
-                    f"{path.name}: {info.st_size} bytes, larger than NX_MAX_RECORD_BYTES="
-                    f"{self.max_bytes}"
+                    f"{info.st_size} bytes, larger than NX_MAX_RECORD_BYTES={self.max_bytes}"
                 )
             content = fh.read(self.max_bytes + 1)
+        signature = (info.st_size, info.st_mtime_ns, info.st_ino)
         if len(content) > self.max_bytes:
-            raise RecordError(f"{path.name}: grew past NX_MAX_RECORD_BYTES={self.max_bytes}")
+            raise RecordError(f"grew past NX_MAX_RECORD_BYTES={self.max_bytes}")
         if not content.strip():
-            raise RecordError(f"{path.name}: the file is empty")
-        return content
+            raise RecordError("the file is empty")
+        return content, signature
 
     def _parse(self, path: Path, content: bytes) -> etree._Element:
         try:
             root = etree.fromstring(content, _safe_parser())
         except etree.XMLSyntaxError as exc:
-            raise RecordError(f"{path.name}: not well-formed XML: {exc}") from exc
+            raise RecordError(f"not well-formed XML: {exc}") from exc
         docinfo = root.getroottree().docinfo
         if docinfo.doctype or docinfo.internalDTD is not None:
-            raise RecordError(
-                f"{path.name}: carries a DOCTYPE; NexusLIMS records have none and it is refused"
-            )
+            raise RecordError("carries a DOCTYPE; NexusLIMS records have none and it is refused")
         if etree.QName(root).localname != "Experiment":
             raise RecordError(
-                f"{path.name}: root element is <{etree.QName(root).localname}>, "
-                "not a NexusLIMS <Experiment>"
+                f"root element is <{etree.QName(root).localname}>, not a NexusLIMS <Experiment>"
             )
         return root
 
@@ -182,4 +190,4 @@ def _date(path: Path, summary: etree._Element | None, localname: str) -> datetim
     try:
         return datetime.fromisoformat(value)
     except ValueError:
-        raise RecordError(f"{path.name}: summary/{localname} {value!r} is not a date") from None
+        raise RecordError(f"summary/{localname} {value!r} is not a date") from None

@@ -9,9 +9,7 @@ at the same time.
 from __future__ import annotations
 
 import json
-import os
-import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any, TypeVar
 
 import peewee
 from playhouse.db_url import connect
+from playhouse.migrate import SchemaMigrator, migrate
 
 from nxdrop.destinations.base import ExportResult, utcnow
 from nxdrop.exceptions import ConfigError
@@ -38,9 +37,15 @@ class AttemptState(StrEnum):
     """``upload_log.state``: where one destination's attempt stands."""
 
     IN_FLIGHT = "in_flight"  # written before the destination is called
-    SUCCEEDED = "succeeded"
+    SUCCEEDED = "succeeded"  # a new record made
+    UPDATED = "updated"  # the session's record replaced with new content
+    REUSED = "reused"  # the same bytes were already there: the earlier record stands
     FAILED = "failed"
-    REUSED = "reused"  # an earlier success for the same bytes stood in
+    INTERRUPTED = "interrupted"  # in flight when its process died: it may have reached the server
+
+
+SUCCESSFUL = (AttemptState.SUCCEEDED, AttemptState.UPDATED, AttemptState.REUSED)
+_STANDING_STATES = [s.value for s in (*SUCCESSFUL, AttemptState.INTERRUPTED)]
 
 
 class TimestampField(peewee.Field):
@@ -84,6 +89,7 @@ def _models(db: peewee.Database) -> tuple[Any, Any]:
         error_message = peewee.TextField(null=True)
         metadata_json = peewee.TextField(null=True)
         state = peewee.CharField(default=AttemptState.IN_FLIGHT)
+        endpoint = peewee.TextField(null=True)
         file_name = peewee.CharField(null=True)
         file_sha256 = peewee.CharField(max_length=64, null=True, index=True)
         status_code = peewee.IntegerField(null=True)
@@ -103,6 +109,8 @@ def _models(db: peewee.Database) -> tuple[Any, Any]:
         file_name = peewee.CharField(null=True)
         file_sha256 = peewee.CharField(max_length=64, null=True)
         error_message = peewee.TextField(null=True)
+        owner = peewee.CharField(null=True)  # the worker exporting it now: the session lock
+        owner_since = TimestampField(null=True)
 
         class Meta:
             table_name = "session_log"
@@ -130,6 +138,7 @@ class UploadRow:
     id: int
     session_identifier: str
     destination_name: str
+    endpoint: str | None
     success: bool
     state: str
     timestamp: datetime
@@ -139,7 +148,30 @@ class UploadRow:
     attempts: int
     status_code: int | None
     duration_seconds: float | None
+    file_sha256: str | None
     metadata: dict[str, Any]
+
+    def as_result(self) -> ExportResult:
+        """The result this row records, as a destination made it."""
+        return ExportResult(
+            success=self.success,
+            destination_name=self.destination_name,
+            record_id=self.record_id,
+            record_url=self.record_url,
+            error_message=self.error_message,
+            timestamp=self.timestamp,
+            metadata=dict(self.metadata),
+            status_code=self.status_code,
+            attempts=self.attempts,
+        )
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the log says of one destination and one session at one endpoint."""
+
+    latest_success: UploadRow | None = None  # the record it holds, if any
+    interrupted: bool = False  # an attempt since then died mid-call: look before creating
 
 
 _Row = TypeVar("_Row", SessionRow, UploadRow)
@@ -152,10 +184,10 @@ class Store:
         self.url = url
         self.db = _connect(url)
         self.UploadLog, self.SessionLog = _models(self.db)
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
         try:
             with self.db.atomic():
                 self.db.create_tables([self.UploadLog, self.SessionLog], safe=True)
+                _add_missing_columns(self.db, [self.UploadLog, self.SessionLog])
         except peewee.PeeweeException as exc:
             raise ConfigError(f"NX_DB_URL: cannot open the database: {exc}") from exc
 
@@ -164,7 +196,47 @@ class Store:
         if not self.db.is_closed():
             self.db.close()
 
-    # -- session_log -------------------------------------------------------------------
+    # -- session_log, and the session lock ---------------------------------------------
+
+    def lock_session(self, session_identifier: str, worker: str, file_name: str) -> bool:
+        """Take the session for ``worker`` unless another worker holds it; ``True`` if taken.
+
+        The lock is ``session_log.owner``: one conditional UPDATE, atomic in SQLite and
+        PostgreSQL alike, so files of one session are exported one after the other however
+        many daemons share the database. Taking it marks the session ``EXPORTING``.
+        """
+        SessionLog, now = self.SessionLog, utcnow()
+        with self.db.atomic():
+            SessionLog.insert(
+                session_identifier=session_identifier,
+                record_status=RecordStatus.EXPORTING.value,
+                timestamp=now,
+                file_name=file_name,
+            ).on_conflict_ignore().execute()
+            taken = (
+                SessionLog.update(
+                    owner=worker,
+                    owner_since=now,
+                    record_status=RecordStatus.EXPORTING.value,
+                    timestamp=now,
+                    file_name=file_name,
+                    error_message=None,
+                )
+                .where(
+                    (SessionLog.session_identifier == session_identifier)
+                    & (SessionLog.owner.is_null() | (SessionLog.owner == worker))
+                )
+                .execute()
+            )
+        return bool(taken)
+
+    def unlock_session(self, session_identifier: str, worker: str) -> None:
+        """Release the session if ``worker`` holds it."""
+        SessionLog = self.SessionLog
+        with self.db.atomic():
+            SessionLog.update(owner=None, owner_since=None).where(
+                (SessionLog.session_identifier == session_identifier) & (SessionLog.owner == worker)
+            ).execute()
 
     def set_session(
         self,
@@ -175,7 +247,7 @@ class Store:
         file_name: str | None = None,
         error_message: str | None = None,
     ) -> None:
-        """Insert or update the one row of a session."""
+        """Insert or update the one row of a session (its lock stays as it is)."""
         row: dict[str, Any] = {
             "session_identifier": session_identifier,
             "record_status": status.value,
@@ -214,36 +286,33 @@ class Store:
 
     # -- upload_log --------------------------------------------------------------------
 
-    def begin_attempt(self, record: Record, destination_name: str) -> int:
+    def begin_attempt(
+        self, record: Record, destination_name: str, endpoint: str, worker: str
+    ) -> int:
         """Write the in-flight row before a destination is called; its id."""
         with self.db.atomic():
             row = self.UploadLog.create(
                 session_identifier=record.session_identifier,
                 destination_name=destination_name,
+                endpoint=endpoint,
                 success=False,
                 state=AttemptState.IN_FLIGHT.value,
                 file_name=record.name,
                 file_sha256=record.sha256,
-                worker=self.worker,
+                worker=worker,
             )
         return int(row.id)
 
-    def finish_attempt(self, attempt_id: int, result: ExportResult, duration: float) -> None:
+    def finish_attempt(
+        self, attempt_id: int, result: ExportResult, state: AttemptState, duration: float
+    ) -> None:
         """Record a destination's result on its in-flight row."""
-        reused = bool(result.metadata.get("reused_from"))
-        state = (
-            AttemptState.REUSED
-            if reused
-            else AttemptState.SUCCEEDED
-            if result.success
-            else AttemptState.FAILED
-        )
         UploadLog = self.UploadLog
         with self.db.atomic():
             UploadLog.update(
                 success=result.success,
                 state=state.value,
-                timestamp=result.timestamp,
+                timestamp=utcnow(),
                 record_id=result.record_id,
                 record_url=result.record_url,
                 error_message=result.error_message,
@@ -253,21 +322,47 @@ class Store:
                 duration_seconds=round(duration, 6),
             ).where(UploadLog.id == attempt_id).execute()
 
-    def earlier_success(self, destination_name: str, sha256: str) -> UploadRow | None:
-        """The latest success of ``destination_name`` with these exact bytes, if any."""
+    def standings(self, session_identifier: str) -> dict[tuple[str, str], Standing]:
+        """Per (destination, endpoint): the record it holds for this session, if any, and
+        whether an attempt was interrupted since. One query for every destination."""
         UploadLog = self.UploadLog
         with self.db.atomic():
-            row = (
+            rows = list(
                 UploadLog.select()
                 .where(
-                    (UploadLog.destination_name == destination_name)
-                    & (UploadLog.file_sha256 == sha256)
-                    & (UploadLog.success == True)  # noqa: E712 - SQL, not Python
+                    (UploadLog.session_identifier == session_identifier)
+                    & UploadLog.state.in_(_STANDING_STATES)
                 )
-                .order_by(UploadLog.id.desc())
-                .first()
+                .order_by(UploadLog.id)
             )
-        return _upload_row(row) if row is not None else None
+        standings: dict[tuple[str, str], Standing] = {}
+        for row in rows:
+            key = (row.destination_name, row.endpoint or "")
+            if row.state == AttemptState.INTERRUPTED:
+                standings[key] = replace(standings.get(key, Standing()), interrupted=True)
+            else:
+                standings[key] = Standing(latest_success=_upload_row(row))
+        return standings
+
+    def recover(self, workers: list[str]) -> int:
+        """After the processes behind ``workers`` died: their in-flight attempts become
+        ``interrupted`` and their session locks are released. The attempts marked."""
+        if not workers:
+            return 0
+        UploadLog, SessionLog = self.UploadLog, self.SessionLog
+        with self.db.atomic():
+            marked = (
+                UploadLog.update(state=AttemptState.INTERRUPTED.value)
+                .where(
+                    (UploadLog.state == AttemptState.IN_FLIGHT.value)
+                    & UploadLog.worker.in_(workers)
+                )
+                .execute()
+            )
+            SessionLog.update(owner=None, owner_since=None).where(
+                SessionLog.owner.in_(workers)
+            ).execute()
+        return int(marked)
 
     def uploads(self, session_identifier: str) -> list[UploadRow]:
         """A session's upload log, oldest first."""
@@ -279,6 +374,17 @@ class Store:
                 .order_by(UploadLog.id)
             )
         return [_upload_row(r) for r in rows]
+
+
+def _add_missing_columns(db: peewee.Database, models: list[Any]) -> None:
+    """Columns added since a table was created (all nullable or with defaults)."""
+    migrator = SchemaMigrator.from_database(db)
+    for model in models:
+        table = model._meta.table_name
+        present = {c.name for c in db.get_columns(table)}
+        missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
+        if missing:
+            migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))
 
 
 def _connect(url: str) -> Any:

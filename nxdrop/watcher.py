@@ -4,8 +4,8 @@ watchdog's traps, and where each is handled:
 
 - ``on_created`` fires before a byte is written. A file is *ready* when it is closed after
   writing (inotify's IN_CLOSE_WRITE) or renamed into the folder (the destination of a move,
-  also from outside the folder). Anything else only *changed*; the :class:`SettleTracker`
-  takes it once its size and mtime have stood still for the settle time.
+  also from outside the folder). Anything else only *changed*; the settle tracker
+  (:mod:`nxdrop.settle`) takes it once its size and mtime have stood still for the settle time.
 - watchdog 7 matches patterns with ``full_match`` (``*.xml`` matches nothing) and drops a
   move when either path is ignored (so ``x.part`` → ``x.xml`` would vanish): no patterns
   here, :class:`DropHandler` filters names itself.
@@ -15,7 +15,8 @@ watchdog's traps, and where each is handled:
 - The kernel drops events when its queue overflows and network shares send none: the daemon
   rescans; :meth:`Watcher.overflowed` tells it when to rescan at once.
 - watchdog holds an unpaired IN_MOVED_FROM for 0.5 s, and every event queued behind it; each
-  export moves a file out to ``uploaded/``. Watching that folder too pairs the move at once.
+  claim moves a file out into the working folder (``.nxdrop/work/…``). Watching the whole
+  tree pairs those moves at once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -116,89 +116,6 @@ class DropHandler(FileSystemEventHandler):
         return [Sighting(path, kind)]
 
 
-@dataclass
-class _Entry:
-    signature: tuple[int, int, int] | None
-    since: float
-    writing: bool
-
-
-class SettleTracker:
-    """Files waiting to be complete: due once size and mtime stood still long enough.
-
-    "Long enough" is ``settle_seconds``; it is ``patience`` for a file known to be open
-    for writing (its close event should come; patience covers a close the kernel dropped)
-    and for an empty file (far more often a writer that has not started than a record).
-    Not thread-safe: the daemon's main thread owns it.
-    """
-
-    def __init__(
-        self,
-        settle_seconds: float,
-        patience: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.settle_seconds = settle_seconds
-        self.patience = max(patience, settle_seconds)
-        self.clock = clock
-        self._entries: dict[Path, _Entry] = {}
-
-    def note(self, path: Path, *, writing: bool = False, age: float = 0.0) -> None:
-        """``path`` changed ``age`` seconds ago (a scan knows its mtime): its wait restarts."""
-        entry = self._entries.get(path)
-        now = self.clock()
-        if entry is None:
-            self._entries[path] = _Entry(_signature(path), now - max(age, 0.0), writing)
-        else:
-            entry.since = now
-            entry.writing = entry.writing or writing
-
-    def events_lost(self) -> None:
-        """Close events may have been lost (observer restarted, queue overflow): from now on
-        every tracked file is due once it has settled, not when its close event comes."""
-        for entry in self._entries.values():
-            entry.writing = False
-
-    def forget(self, path: Path) -> None:
-        """Stop tracking ``path`` (it became ready some other way)."""
-        self._entries.pop(path, None)
-
-    def clear(self) -> None:
-        """Stop tracking everything."""
-        self._entries.clear()
-
-    def due(self) -> list[Path]:
-        """The files that have settled, no longer tracked; vanished files are dropped."""
-        now = self.clock()
-        ready = []
-        for path, entry in list(self._entries.items()):
-            signature = _signature(path)
-            if signature is None:
-                del self._entries[path]
-            elif signature != entry.signature:
-                entry.signature, entry.since = signature, now
-            elif now - entry.since >= (
-                self.patience if entry.writing or signature[0] == 0 else self.settle_seconds
-            ):
-                del self._entries[path]
-                ready.append(path)
-        return ready
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.lstat()  # a link is a record to refuse, never followed
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
 class _OverflowAlarm(logging.Handler):
     def __init__(self, flag: threading.Event) -> None:
         super().__init__(logging.WARNING)
@@ -231,9 +148,9 @@ class Watcher:
         """Watch the folder; raises ``OSError`` when the folder cannot be watched."""
         handler = DropHandler(self.folder, self.sink, closes=self.kind == "inotify")
         observer = self._make_observer()
-        # inotify watches uploaded/ and failed/ too, so that the move of an exported file
-        # pairs up at once: watchdog holds an unpaired IN_MOVED_FROM for 0.5 s, and every
-        # event behind it. Polling would walk those (large) folders: it stays flat.
+        # inotify watches the subfolders too, so that the move of a claimed file into the
+        # working folder pairs up at once: watchdog holds an unpaired IN_MOVED_FROM for
+        # 0.5 s, and every event behind it. Polling would walk uploaded/ (large): it stays flat.
         recursive = self.kind == "inotify"
         try:
             observer.schedule(

@@ -10,212 +10,33 @@ Every wait polls for a condition up to a deadline; nothing sleeps to synchronise
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import pty
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from nxdrop.app import App
 from nxdrop.daemon import Daemon
 from nxdrop.destinations import ExportContext, ExportResult
-from nxdrop.pipeline import Outcome, Pipeline
-from nxdrop.settings import Settings
-from nxdrop.store import Store
+from nxdrop.pipeline import Outcome
 from nxdrop.systemd import Notifier
 from nxdrop.watcher import OVERFLOW_LOGGER, Kind, Sighting
+from tests.fixtures.service import DEADLINE, Service, record, wait_until, xml_names
 from tests.test_watcher import Crasher
 
-PLUGIN = Path(__file__).resolve().parent / "plugins" / "slowdest"
-DEADLINE = 30.0
 OBSERVERS = ["inotify", "polling"]
-T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
-    """Poll ``predicate`` until it is truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def record(corpus: Path, n: int, name: str = "example_record_curation.xml") -> bytes:
-    """A valid record whose bytes (and so SHA-256) are its own: a comment tells them apart."""
-    head, rest = (corpus / name).read_bytes().split(b"\n", 1)
-    return head + f"\n<!-- copy {n} -->\n".encode() + rest
-
-
-def xml_names(folder: Path) -> set[str]:
-    return {p.name for p in folder.glob("*.xml")}
-
-
-class NotifySocket:
-    """The service manager's end of ``sd_notify``: a datagram socket in a short tmp path.
-
-    A thread reads every datagram as it comes, as systemd does: an unread socket fills up
-    and would block the sender.
-    """
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="nxn")  # AF_UNIX paths must be short
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.lines: list[str] = []
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except OSError:
-                return  # closed
-            if not data:
-                return  # shut down
-            with self.changed:
-                self.lines += data.decode().splitlines()
-                self.changed.notify_all()
-
-    def wait_for(self, predicate: Callable[[str], bool], what: str) -> str:
-        """The first line (received so far or later) that satisfies ``predicate``."""
-        deadline = time.monotonic() + DEADLINE
-        with self.changed:
-            while True:
-                found = next((line for line in self.lines if predicate(line)), None)
-                if found is not None:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no sd_notify {what}; got {self.lines}")
-                self.changed.wait(left)
-
-    def count(self, line: str) -> int:
-        with self.changed:
-            return self.lines.count(line)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Service:
-    """One ``nxdrop run`` subprocess and its folders."""
-
-    def __init__(self, root: Path, env: dict[str, str], notify: NotifySocket) -> None:
-        self.root, self.notify = root, notify
-        self.drop = Path(env["NX_DROP_PATH"])
-        self.uploaded, self.failed = self.drop / "uploaded", self.drop / "failed"
-        self.slow = Path(env["SLOWDEST_DIR"])
-        self.stderr_path = root / "stderr.log"
-        with self.stderr_path.open("wb") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "nxdrop", "run"], env=env, cwd=root, stderr=stderr
-            )
-
-    def ready(self) -> None:
-        self.notify.wait_for(lambda line: line == "READY=1", "READY=1")
-
-    def log(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait_log(self, text: str) -> None:
-        wait_until(lambda: text in self.log(), f"{text!r} in the log")
-
-    def calls(self, kind: str = "start") -> list[str]:
-        """The sessions the destination was called for (``start``) or finished (``done``)."""
-        try:
-            lines = (self.slow / "calls.log").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [line.split()[1] for line in lines if line.split()[0] == kind]
-
-    def open_gate(self) -> None:
-        (self.slow / "gate").touch()
-
-    def signal(self, signum: int) -> float:
-        self.proc.send_signal(signum)
-        return time.monotonic()
-
-    def wait_exit(self, timeout: float = DEADLINE) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def places(self, name: str) -> list[str]:
-        """Where ``name`` is: each record must be in exactly one of these."""
-        return [
-            where
-            for where, folder in (
-                ("drop", self.drop),
-                ("uploaded", self.uploaded),
-                ("failed", self.failed),
-            )
-            if (folder / name).exists()
-        ]
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[Callable[..., Service]]:
-    """Start ``nxdrop run`` with the slow destination; keywords are extra environment."""
-    started: list[Service] = []
-    sockets: list[NotifySocket] = []
-
-    def start(*, gate: bool = True, **extra: str) -> Service:
-        slow = tmp_path / "slow"
-        slow.mkdir(exist_ok=True)
-        if gate:
-            (slow / "gate").touch()
-        notify = NotifySocket()
-        sockets.append(notify)
-        keep = ("NX_", "SLOWDEST_", "NOTIFY_SOCKET", "WATCHDOG_")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(keep)}
-        env.update(
-            NX_DATA_PATH=str(tmp_path / "state"),
-            NX_DROP_PATH=str(tmp_path / "drop"),
-            NX_OBSERVER="inotify",
-            NX_SETTLE_SECONDS="0.5",
-            NX_RESCAN_SECONDS="60",
-            NX_WORKERS="4",
-            NX_RETRY_MAX_TIME="0",
-            NX_STOP_TIMEOUT="20",
-            SLOWDEST_DIR=str(slow),
-            NOTIFY_SOCKET=notify.path,
-            PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGIN), env.get("PYTHONPATH")])),
-        )
-        env.update(extra)
-        svc = Service(tmp_path, env, notify)
-        started.append(svc)
-        return svc
-
-    yield start
-    for svc in started:
-        if svc.proc.poll() is None:
-            svc.proc.kill()
-            svc.proc.wait()
-        sys.stderr.write(f"--- nxdrop stderr ---\n{svc.log()}")  # shown when a test fails
-    for notify in sockets:
-        notify.close()
 
 
 # -- taking files ------------------------------------------------------------------------
@@ -283,7 +104,7 @@ def test_a_part_file_renamed_to_xml_is_taken(
     wait_until(lambda: (svc.uploaded / "renamed.xml").exists(), "renamed.xml in uploaded/")
     print(f"{observer}: rename → uploaded/ in {time.monotonic() - started:.3f} s")
     assert svc.calls() == ["renamed"]
-    assert set(os.listdir(svc.drop)) == {"uploaded", "failed"}
+    assert set(os.listdir(svc.drop)) == {"uploaded", "failed", ".nxdrop"}
 
 
 @pytest.mark.parametrize("observer", OBSERVERS)
@@ -362,7 +183,9 @@ def test_the_stop_timeout_abandons_what_is_still_running(
     assert "timeout" in (svc.slow / "calls.log").read_text()
 
 
-def test_a_second_signal_stops_at_once(service: Callable[..., Service], corpus: Path) -> None:
+def test_a_record_waiting_to_retry_is_abandoned_at_once(
+    service: Callable[..., Service], corpus: Path
+) -> None:
     # The destination is busy (503, Retry-After) for as long as nxdrop keeps retrying.
     svc = service(
         NX_WORKERS="1",
@@ -373,19 +196,30 @@ def test_a_second_signal_stops_at_once(service: Callable[..., Service], corpus: 
     svc.ready()
     (svc.drop / "busy.xml").write_bytes(record(corpus, 1))
     (svc.drop / "queued.xml").write_bytes(record(corpus, 2))
-    wait_until(lambda: svc.calls().count("busy") >= 1, "the first attempt")
+    wait_until(lambda: svc.calls().count("busy") >= 2, "a retry")
+    sent = svc.signal(signal.SIGTERM)
+    assert svc.wait_exit() == 0
+    elapsed = time.monotonic() - sent
+    print(f"SIGTERM while retrying → exit in {elapsed:.2f} s")
+    assert elapsed < 10  # not the 60 s stop timeout, nor the 60 s retry budget
+    assert svc.places("busy.xml") == ["drop"]
+    assert svc.places("queued.xml") == ["drop"]
+    assert "queued" not in svc.calls()
+
+
+def test_a_second_signal_stops_at_once(service: Callable[..., Service], corpus: Path) -> None:
+    svc = service(gate=False, NX_WORKERS="1", NX_STOP_TIMEOUT="60", SLOWDEST_TIMEOUT="3")
+    svc.ready()
+    (svc.drop / "stuck.xml").write_bytes(record(corpus, 1))
+    wait_until(lambda: svc.calls() == ["stuck"], "the export to start")
     svc.signal(signal.SIGTERM)
     svc.notify.wait_for(lambda line: line == "STOPPING=1", "STOPPING=1")
-    attempts = svc.calls().count("busy")
-    wait_until(lambda: svc.calls().count("busy") > attempts, "a retry after the first signal")
     sent = svc.signal(signal.SIGINT)
     assert svc.wait_exit() == 0
     elapsed = time.monotonic() - sent
     print(f"second signal → exit in {elapsed:.2f} s")
-    assert elapsed < 10
-    assert svc.places("busy.xml") == ["drop"]
-    assert svc.places("queued.xml") == ["drop"]
-    assert "queued" not in svc.calls()
+    assert elapsed < 10  # the call in flight ends (3 s), the 60 s stop timeout does not count
+    assert svc.places("stuck.xml") == ["drop"]
 
 
 # -- systemd ------------------------------------------------------------------------------------
@@ -507,23 +341,20 @@ class GateDestination:
 
 @pytest.fixture
 def daemon_for(
-    make_settings: Callable[..., Settings], tmp_path: Path
+    make_app: Callable[..., App],
 ) -> Iterator[Callable[..., tuple[Daemon, GateDestination]]]:
     """An in-process daemon with the gate destination (gate open unless told)."""
     made: list[tuple[Daemon, GateDestination]] = []
 
-    def make(*, gate: bool = True, **overrides: Any) -> tuple[Daemon, GateDestination]:
+    def make(
+        *, gate: bool = True, watch: bool = True, **overrides: Any
+    ) -> tuple[Daemon, GateDestination]:
         values: dict[str, Any] = {"settle_seconds": 0.3, "stop_timeout": 5, "workers": 2}
-        settings = make_settings(**(values | overrides))
         dest = GateDestination()
         if gate:
             dest.gate.set()
-        store = Store(settings.database_url)
-        stop = threading.Event()
-        pipeline = Pipeline(settings, [dest], store, stop=stop)
-        pipeline.folder.create()
-        app = App(settings, [], [dest], store, pipeline, stop)
-        daemon = Daemon(app, notifier=Notifier({}))
+        app = make_app(dest, **(values | overrides))
+        daemon = Daemon(app, notifier=Notifier({}), watch=watch)
         made.append((daemon, dest))
         return daemon, dest
 
@@ -550,15 +381,18 @@ def test_a_crashed_observer_is_restarted_and_files_keep_coming(
 ) -> None:
     daemon, dest = daemon_for(rescan_seconds=300)
     daemon.start()
-    old = daemon.watcher.observer
+    watcher = daemon.intake.watcher
+    assert watcher is not None
+    old = watcher.observer
     assert old is not None
     old.schedule(Crasher(), str(drop))  # raises in watchdog's thread: it dies
     with caplog.at_level(logging.WARNING, logger="nxdrop"):
         (drop / "a.xml").write_bytes(record(corpus, 1))
-        Crasher.wait_until_dead(daemon.watcher)
+        Crasher.wait_until_dead(watcher)
         assert not daemon.healthy()  # no WATCHDOG=1 now
+        loop_until(daemon, lambda: watcher.observer is not old, "the watcher restarted")
         loop_until(daemon, lambda: (drop / "uploaded" / "a.xml").exists(), "a.xml uploaded")
-    assert daemon.watcher.observer is not old and daemon.healthy()
+    assert daemon.healthy()
     assert "watcher on" in caplog.text and "died; restarting it" in caplog.text
     (drop / "b.xml").write_bytes(record(corpus, 2))
     loop_until(daemon, lambda: (drop / "uploaded" / "b.xml").exists(), "b.xml uploaded")
@@ -574,8 +408,9 @@ def test_files_whose_events_were_lost_are_found_by_the_rescan(
 ) -> None:
     daemon, dest = daemon_for(rescan_seconds=0.5)
     daemon.start()
-    assert daemon.watcher.handler is not None
-    monkeypatch.setattr(daemon.watcher.handler, "dispatch", lambda event: None)  # deaf
+    watcher = daemon.intake.watcher
+    assert watcher is not None and watcher.handler is not None
+    monkeypatch.setattr(watcher.handler, "dispatch", lambda event: None)  # deaf
     with caplog.at_level(logging.INFO, logger="nxdrop"):
         for i in range(5):
             (drop / f"lost{i}.xml").write_bytes(record(corpus, i))
@@ -592,8 +427,9 @@ def test_an_event_overflow_makes_an_immediate_rescan(
 ) -> None:
     daemon, _ = daemon_for(rescan_seconds=3600)
     daemon.start()
-    assert daemon.watcher.handler is not None
-    monkeypatch.setattr(daemon.watcher.handler, "dispatch", lambda event: None)
+    watcher = daemon.intake.watcher
+    assert watcher is not None and watcher.handler is not None
+    monkeypatch.setattr(watcher.handler, "dispatch", lambda event: None)
     (drop / "dropped.xml").write_bytes(record(corpus, 1))
     # What watchdog logs when the kernel reports IN_Q_OVERFLOW:
     logging.getLogger(OVERFLOW_LOGGER).warning(
@@ -619,8 +455,9 @@ def test_a_file_named_again_while_in_flight_is_not_exported_twice(
     assert dest.calls["twice"] == 1
     dest.gate.set()
     loop_until(daemon, lambda: daemon.counts[Outcome.EXPORTED] == 1, "the export to finish")
-    assert dest.most_at_once == 1
-    assert daemon.status_line().startswith("0 queued, 0 exporting; 1 exported")
+    idle = "0 queued, 0 exporting; 1 exported"
+    loop_until(daemon, lambda: daemon.status_line().startswith(idle), "the echoes to die down")
+    assert dest.most_at_once == 1 and dest.calls["twice"] == 1
 
     path.write_bytes(record(corpus, 2))  # dropped again under the same name: a new record
     loop_until(daemon, lambda: daemon.counts[Outcome.EXPORTED] == 2, "the second export")
@@ -628,7 +465,7 @@ def test_a_file_named_again_while_in_flight_is_not_exported_twice(
     assert xml_names(drop / "uploaded") == {"twice.xml", "twice.1.xml"}
 
 
-def test_the_work_queue_is_bounded_and_its_overflow_is_kept(
+def test_the_backlog_held_in_memory_is_bounded_and_the_rest_is_found_later(
     daemon_for: Callable[..., tuple[Daemon, GateDestination]], drop: Path, corpus: Path
 ) -> None:
     old = time.time() - 60
@@ -639,23 +476,43 @@ def test_the_work_queue_is_bounded_and_its_overflow_is_kept(
     daemon.start()
     loop_until(daemon, lambda: sum(dest.calls.values()) == 1, "one export in flight")
     daemon.loop_once(timeout=0.05)
-    assert daemon._work.qsize() == 3
-    assert daemon.status_line().startswith("11 queued, 1 exporting")
+    assert len(daemon.intake) <= 3 and daemon.dispatcher.queued <= 1  # the rest: in the folder
+    assert daemon.status_line().startswith(
+        f"{len(daemon.intake) + daemon.dispatcher.queued} queued, 1 exporting"
+    )
     dest.gate.set()
     loop_until(daemon, lambda: len(xml_names(drop / "uploaded")) == 12, "all twelve uploaded")
     assert set(dest.calls.values()) == {1} and len(dest.calls) == 12
+    assert list(dest.calls) == [f"q{i:02d}" for i in range(12)]  # oldest first
 
 
-def test_run_once_lets_fresh_files_settle_and_reports_in_order(
+def test_run_once_lets_fresh_files_settle(
     daemon_for: Callable[..., tuple[Daemon, GateDestination]], drop: Path, corpus: Path
 ) -> None:
     old = time.time() - 60
     (drop / "old.xml").write_bytes(record(corpus, 1))
     os.utime(drop / "old.xml", (old, old))
     (drop / "new.xml").write_bytes(record(corpus, 2))  # just written: settles first
-    daemon, _ = daemon_for()
-    reports = daemon.run_once()
-    assert [(r.path.name, r.outcome) for r in reports] == [
-        ("old.xml", Outcome.EXPORTED),
-        ("new.xml", Outcome.EXPORTED),
-    ]
+    daemon, dest = daemon_for(watch=False)
+    summary = daemon.run_once()
+    assert summary.ok and summary.found == 2
+    assert summary.counts == Counter({Outcome.EXPORTED: 2})
+    assert list(dest.calls) == ["old", "new"]
+
+
+def test_files_of_one_session_wait_for_each_other(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]], drop: Path, corpus: Path
+) -> None:
+    old = time.time() - 60
+    for i, name in enumerate(("x.xml", "x.1.xml", "x.2.xml", "y.xml")):
+        (drop / name).write_bytes(record(corpus, i))  # a rebuild each: updates, not reuses
+        os.utime(drop / name, (old + i, old + i))
+    daemon, dest = daemon_for(gate=False, workers=4, watch=False)
+    daemon.intake.start()
+    daemon._feed()
+    loop_until(daemon, lambda: sum(dest.calls.values()) == 2, "x and y under way")
+    daemon.loop_once(timeout=0.1)
+    assert dest.calls == Counter({"x": 1, "y": 1})  # x.1.xml and x.2.xml wait for x.xml
+    dest.gate.set()
+    loop_until(daemon, lambda: len(xml_names(drop / "uploaded")) == 4, "all four uploaded")
+    assert dest.most_at_once == 1 and dest.calls == Counter({"x": 3, "y": 1})

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nxdrop.folders import Claim, DropFolder, claim, is_record_name
+from nxdrop.folders import DropFolder, WorkFolder, is_record_name
+from nxdrop.records import session_identifier_of
 
 
 @pytest.mark.parametrize(
@@ -38,77 +40,118 @@ def test_scan_takes_records_only(drop: Path) -> None:
     (drop / "sub" / "e.xml").write_text("<Experiment/>")
     (drop / "link.xml").symlink_to(drop / "a.xml")
 
-    assert sorted(p.name for p in folder.scan()) == ["a.xml", "b.xml", "link.xml"]
+    assert sorted(p.name for _, p in folder.scan()) == ["a.xml", "b.xml", "link.xml"]
     assert folder.is_candidate(drop / "a.xml")
     assert not folder.is_candidate(drop / "sub" / "e.xml")
     assert not folder.is_candidate(drop / "uploaded")
 
 
-def test_moves_never_overwrite(drop: Path) -> None:
-    folder = DropFolder(drop)
-    folder.create()
+@pytest.fixture
+def work(drop: Path) -> Iterator[WorkFolder]:
+    slot, _ = WorkFolder.acquire(DropFolder(drop), host="lab")
+    yield slot
+    slot.release()
+
+
+def test_moves_never_overwrite_and_copy_names_stay_one_session(
+    work: WorkFolder, drop: Path
+) -> None:
     targets = []
-    for content in ("first", "second", "third"):
-        (drop / "x.xml").write_text(content)
-        targets.append(folder.move_to_uploaded(drop / "x.xml"))
+    for name, content in (("x.xml", "first"), ("x.xml", "second"), ("x.1.xml", "third")):
+        (drop / name).write_text(content)
+        claimed = work.claim(drop / name)
+        assert claimed is not None and claimed.parent == drop / ".nxdrop" / "work" / "lab-0"
+        targets.append(work.to_uploaded(claimed, name))
 
     assert [t.name for t in targets] == ["x.xml", "x.1.xml", "x.2.xml"]
     assert [t.read_text() for t in targets] == ["first", "second", "third"]
-    assert not (drop / "x.xml").exists()
+    assert {session_identifier_of(t.name) for t in targets} == {"x"}
+    assert work.held() == []
 
 
-def test_failed_gets_an_error_file_and_retry_moves_back(drop: Path) -> None:
-    folder = DropFolder(drop)
-    folder.create()
+def test_a_claim_is_a_rename_and_only_one_claimant_gets_the_file(
+    work: WorkFolder, drop: Path
+) -> None:
     (drop / "x.xml").write_text("<Experiment/>")
-    moved = folder.move_to_failed(drop / "x.xml", {"error": "cdcs: HTTP 500"})
+    other, _ = WorkFolder.acquire(DropFolder(drop), host="lab")  # another process, same host
+    try:
+        assert other.worker == "lab-1"
+        first, second = work.claim(drop / "x.xml"), other.claim(drop / "x.xml")
+    finally:
+        other.release()
+    assert first is not None and first.read_text() == "<Experiment/>"
+    assert second is None
+    (drop / "x.xml").write_text("<Experiment>new</Experiment>")  # the builder writes anew
+    again = work.claim(drop / "x.xml")
+    assert again is not None and again.name == "x.1.xml" and first.exists()
+
+
+def test_a_dead_process_slot_is_put_back_at_the_next_start(drop: Path) -> None:
+    folder = DropFolder(drop)
+    alive, _ = WorkFolder.acquire(folder, host="lab")
+    dead, _ = WorkFolder.acquire(folder, host="lab")
+    (drop / "a.xml").write_text("a")
+    (drop / "b.xml").write_text("b")
+    alive.claim(drop / "a.xml")
+    dead.claim(drop / "b.xml")
+    (drop / "b.xml").write_text("b, rebuilt meanwhile")
+    dead.release()  # what the kernel does when the process dies
+
+    mine, recovery = WorkFolder.acquire(folder, host="lab")
+    try:
+        assert mine.worker == "lab-1" and recovery.workers == ["lab-1"]
+        assert sorted(p.name for p in recovery.put_back) == ["b.1.xml"]
+        assert (drop / "b.1.xml").read_text() == "b"
+        assert (drop / "b.xml").read_text() == "b, rebuilt meanwhile"
+        assert [p.name for p in alive.held()] == ["a.xml"]  # a live process's are its own
+    finally:
+        mine.release()
+        alive.release()
+
+
+def test_failed_gets_an_error_file_and_retry_moves_back(work: WorkFolder, drop: Path) -> None:
+    (drop / "x.xml").write_text("<Experiment/>")
+    claimed = work.claim(drop / "x.xml")
+    assert claimed is not None
+    moved = work.to_failed(claimed, "x.xml", {"error": "cdcs: HTTP 500"})
 
     assert json.loads((drop / "failed" / "x.xml.error.json").read_text()) == {
         "error": "cdcs: HTTP 500"
     }
+    folder = DropFolder(drop)
     assert folder.retry(["x.xml"]) == [drop / "x.xml"]
     assert (drop / "x.xml").exists()
     assert not moved.exists()
     assert not (drop / "failed" / "x.xml.error.json").exists()
 
 
-def test_retry_all_and_unknown_names(drop: Path) -> None:
+def test_an_orphaned_reason_is_replaced_not_kept(work: WorkFolder, drop: Path) -> None:
+    (drop / "failed" / "x.xml.error.json").write_text("{}")  # its record was retried by hand
+    (drop / "x.xml").write_text("<Experiment/>")
+    claimed = work.claim(drop / "x.xml")
+    assert claimed is not None
+    assert work.to_failed(claimed, "x.xml", {"error": "new"}).name == "x.xml"
+    assert json.loads((drop / "failed" / "x.xml.error.json").read_text()) == {"error": "new"}
+
+
+def test_retry_by_file_session_or_all_and_unknown_names(drop: Path) -> None:
     folder = DropFolder(drop)
     folder.create()
-    for name in ("a.xml", "b.xml"):
+    for name in ("a.xml", "b.xml", "b.1.xml", "c.xml"):
         (drop / "failed" / name).write_text("<Experiment/>")
-    with pytest.raises(FileNotFoundError, match=r"nope\.xml"):
-        folder.retry(["nope.xml"])
+    with pytest.raises(FileNotFoundError, match=r"nope"):
+        folder.retry(["a.xml", "nope"])
+    assert (drop / "failed" / "a.xml").exists()  # nothing moved when one name is unknown
     with pytest.raises(FileNotFoundError):
         folder.retry(["../a.xml"])
-    assert sorted(p.name for p in folder.retry(None)) == ["a.xml", "b.xml"]
+    assert sorted(p.name for p in folder.retry(["b"])) == ["b.1.xml", "b.xml"]
+    assert [p.name for p in folder.retry([str(drop / "failed" / "a.xml")])] == ["a.xml"]
+    assert sorted(p.name for p in folder.retry(None)) == ["c.xml"]
     assert list((drop / "failed").iterdir()) == []
 
 
-def test_claim_locks_the_file_not_the_name(drop: Path) -> None:
-    path = drop / "x.xml"
-    path.write_text("<Experiment/>")
-    with claim(path) as first:
-        assert first is Claim.OURS
-        with claim(path) as second:  # another open file description: as another process
-            assert second is Claim.TAKEN
-    with claim(path) as again:
-        assert again is Claim.OURS
-    with claim(drop / "missing.xml") as missing:
-        assert missing is Claim.GONE
-    (drop / "link.xml").symlink_to(path)
-    with claim(drop / "link.xml") as link:
-        assert link is Claim.OURS  # not opened: the reader refuses it
-
-
-def test_a_new_file_under_a_claimed_name_is_free_to_take(drop: Path) -> None:
-    path = drop / "x.xml"
-    path.write_text("<Experiment/>")
-    with claim(path) as first:
-        assert first is Claim.OURS
-        DropFolder(drop).move_to_uploaded(path)  # done by the holder; a new file arrives
-        path.write_text("<Experiment>new</Experiment>")
-        with claim(path) as second:
-            assert second is Claim.OURS  # the new file is a different one, free to take
-    with claim(drop / "uploaded" / "x.xml") as moved:
-        assert moved is Claim.OURS
+def test_the_working_folder_is_not_a_record_anywhere(work: WorkFolder, drop: Path) -> None:
+    (drop / "x.xml").write_text("<Experiment/>")
+    work.claim(drop / "x.xml")
+    assert DropFolder(drop).scan() == []
+    assert not DropFolder(drop).is_candidate(drop / ".nxdrop")

@@ -1,20 +1,26 @@
-"""The pipeline: strategies × failures, retries, reuse, bad records, and where files end up."""
+"""The per-file job: strategies × failures, retries, reuse, updates, bad records, claims, and
+where files end up."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
 
-from nxdrop.destinations import ExportContext, ExportResult
+from nxdrop.app import App
+from nxdrop.destinations import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import PermanentError, TransientError
-from nxdrop.folders import Claim, claim
+from nxdrop.folders import DropFolder, WorkFolder
 from nxdrop.pipeline import Outcome, Pipeline
-from nxdrop.settings import Settings
-from nxdrop.store import Store
 
 
 class Scripted:
@@ -57,12 +63,9 @@ class Scripted:
 
 
 @pytest.fixture
-def pipeline(make_settings: Callable[..., Settings]) -> Callable[..., Pipeline]:
-    def build(*destinations: Scripted, **settings: Any) -> Pipeline:
-        s = make_settings(**settings)
-        p = Pipeline(s, list(destinations), Store(s.database_url))
-        p.folder.create()
-        return p
+def pipeline(make_app: Callable[..., App]) -> Callable[..., Pipeline]:
+    def build(*destinations: Any, **settings: Any) -> Pipeline:
+        return make_app(*destinations, **settings).pipeline
 
     return build
 
@@ -99,7 +102,7 @@ def test_strategy_decides_outcome_and_which_destinations_run(
     record = place()
     content = record.read_bytes()
 
-    report = p.export_file(record)
+    report = p.process(record)
 
     assert report.ok is exported
     assert "".join(d.name for d in dests if d.calls) == called
@@ -124,7 +127,7 @@ def test_later_destination_sees_earlier_results(
     pipeline: Callable[..., Pipeline], place: Callable[..., Path]
 ) -> None:
     first, second = Scripted("cdcs", 100, "ok"), Scripted("elabftw", 85, "ok")
-    pipeline(first, second).export_file(place())
+    pipeline(first, second).process(place())
 
     assert first.seen == [{}]
     cdcs = second.seen[0]["cdcs"]
@@ -137,7 +140,7 @@ def test_context_describes_the_record(
     pipeline: Callable[..., Pipeline], place: Callable[..., Path]
 ) -> None:
     dest = Scripted("a", 1, "ok")
-    pipeline(dest).export_file(place(name="2018-11-13_FEI-Titan-TEM_204.xml"))
+    pipeline(dest).process(place(name="2018-11-13_FEI-Titan-TEM_204.xml"))
 
     ctx = dest.calls[0]
     assert ctx.session_identifier == "2018-11-13_FEI-Titan-TEM_204"
@@ -155,7 +158,7 @@ def test_transient_failures_are_retried_within_the_budget(
     p = pipeline(dest, retry_max_time=30)
     record = place()
 
-    assert p.export_file(record).ok
+    assert p.process(record).ok
     assert len(dest.calls) == 3
     [row] = p.store.uploads(record.stem)
     assert row.success and row.attempts == 3
@@ -168,7 +171,7 @@ def test_retry_gives_up_when_the_server_asks_to_wait_past_the_budget(
     p = pipeline(dest, retry_max_time=5)
     record = place()
 
-    report = p.export_file(record)
+    report = p.process(record)
 
     assert report.outcome is Outcome.FAILED and len(dest.calls) == 1
     error = json.loads((drop / "failed" / f"{record.name}.error.json").read_text())
@@ -180,7 +183,7 @@ def test_permanent_failures_are_not_retried(
     pipeline: Callable[..., Pipeline], place: Callable[..., Path]
 ) -> None:
     dest = Scripted("a", 1, "permanent")
-    pipeline(dest, retry_max_time=30).export_file(place())
+    pipeline(dest, retry_max_time=30).process(place())
     assert len(dest.calls) == 1
 
 
@@ -196,10 +199,10 @@ def test_stop_during_retry_abandons_and_leaves_the_file_in_place(
         try:
             return original(context)
         finally:
-            p.stop.set()  # as SIGTERM would, while the destination asks to wait
+            p.stop.request()  # as SIGTERM would, while the destination asks to wait
 
     dest.export = export_then_stop  # type: ignore[method-assign]
-    report = p.export_file(record)
+    report = p.process(record)
 
     assert report.outcome is Outcome.ABANDONED
     assert record.exists()
@@ -211,13 +214,12 @@ def test_identical_record_is_not_sent_twice(
 ) -> None:
     dest = Scripted("a", 1, "ok")
     p = pipeline(dest)
-    first = p.export_file(place())
-    again = p.export_file(place())  # the builder drops the same bytes once more
+    first = p.process(place())
+    again = p.process(place())  # the builder drops the same bytes once more
 
     assert first.ok and again.ok
     assert len(dest.calls) == 1
     assert again.results[0].record_url == first.results[0].record_url
-    assert again.results[0].metadata["reused_from"]
     assert sorted(f.name for f in (drop / "uploaded").iterdir()) == [
         "example_record.1.xml",
         "example_record.xml",
@@ -232,10 +234,10 @@ def test_retry_after_partial_failure_sends_only_to_the_failed_destination(
     good, flaky = Scripted("cdcs", 100, "ok"), Scripted("elabftw", 85, "fail", "ok")
     p = pipeline(good, flaky)
     record = place()
-    assert not p.export_file(record).ok
+    assert not p.process(record).ok
 
     p.folder.retry([record.name])  # what an operator does
-    assert p.export_file(record).ok
+    assert p.process(record).ok
 
     assert len(good.calls) == 1 and len(flaky.calls) == 2
     assert flaky.seen[1]["cdcs"].record_url == "https://cdcs.example/1"
@@ -264,7 +266,7 @@ def test_bad_records_fail_without_contacting_any_destination(
     record = drop / "2024-01-01_bad.xml"
     record.write_bytes(content)
 
-    report = p.export_file(record)
+    report = p.process(record)
 
     assert report.outcome is Outcome.REJECTED and reason in (report.error or "")
     assert dest.calls == []
@@ -279,7 +281,7 @@ def test_too_large_and_schema_invalid_records_are_refused(
 ) -> None:
     dest = Scripted("a", 1, "ok")
     small = pipeline(dest, max_record_bytes=1000)
-    assert small.export_file(place()).outcome is Outcome.REJECTED
+    assert small.process(place()).outcome is Outcome.REJECTED
 
     strict = pipeline(dest, schema_path=corpus / "nexus-experiment.xsd")
     invalid = drop / "invalid.xml"
@@ -288,9 +290,9 @@ def test_too_large_and_schema_invalid_records_are_refused(
         .read_bytes()
         .replace(b"<title>", b"<bogus/><title>", 1)
     )
-    report = strict.export_file(invalid)
+    report = strict.process(invalid)
     assert report.outcome is Outcome.REJECTED and "schema" in (report.error or "")
-    assert strict.export_file(place("example_record_curation.xml")).ok
+    assert strict.process(place("example_record_curation.xml")).ok
     assert len(dest.calls) == 1
 
 
@@ -303,7 +305,7 @@ def test_symbolic_link_is_refused_and_its_target_never_read(
     link.symlink_to(secret)
     dest = Scripted("a", 1, "ok")
 
-    report = pipeline(dest).export_file(link)
+    report = pipeline(dest).process(link)
 
     assert report.outcome is Outcome.REJECTED and "symbolic link" in (report.error or "")
     assert dest.calls == []
@@ -316,7 +318,7 @@ def test_files_outside_the_drop_folder_stay_where_they_are(
 ) -> None:
     dest = Scripted("a", 1, "ok")
     source = corpus / "example_record.xml"
-    assert pipeline(dest).export_file(source).ok
+    assert pipeline(dest).process(source).ok
     assert source.exists()
 
 
@@ -332,12 +334,12 @@ def test_stop_between_destinations_leaves_the_file_for_the_next_start(
         try:
             return original(context)
         finally:
-            p.stop.set()  # SIGTERM's deadline passes while CDCS is being called
+            p.stop.force()  # SIGTERM's deadline passes while CDCS is being called
 
     first.export = export_then_stop  # type: ignore[method-assign]
     record = place()
 
-    report = p.export_file(record)
+    report = p.process(record)
 
     assert report.outcome is Outcome.ABANDONED
     assert second.calls == []
@@ -345,16 +347,236 @@ def test_stop_between_destinations_leaves_the_file_for_the_next_start(
     assert list((drop / "uploaded").iterdir()) == []
 
 
-def test_a_file_another_process_is_exporting_is_left_to_it(
-    pipeline: Callable[..., Pipeline], place: Callable[..., Path]
+def test_a_file_another_process_claimed_is_left_to_it(
+    pipeline: Callable[..., Pipeline], place: Callable[..., Path], drop: Path
 ) -> None:
     dest = Scripted("a", 1, "ok")
     p = pipeline(dest)
     record = place()
-    with claim(record) as held:  # as another nxdrop would hold it
-        assert held is Claim.OURS
-        report = p.export_file(record)
+    other, _ = WorkFolder.acquire(DropFolder(drop))  # another nxdrop on this host
+    try:
+        assert other.worker != p.work.worker
+        claimed = other.claim(record)
+        report = p.process(record)
+    finally:
+        other.release()
     assert report.outcome is Outcome.GONE
     assert dest.calls == []
-    assert record.exists()
-    assert p.export_file(record).ok
+    assert claimed is not None and claimed.exists()
+
+
+# -- one session, one record ----------------------------------------------------------------
+
+
+class Keeper(ExportDestination):
+    """A stateful destination with the optional hooks: one record per session, updated in
+    place; it remembers every call and what the context said."""
+
+    def __init__(self, name: str = "keeper", endpoint: str = "keeper://one") -> None:
+        self.name, self.priority, self._endpoint = name, 10, endpoint
+        self.records: dict[str, bytes] = {}  # record id → content
+        self.calls: list[tuple[str, ExportContext]] = []
+        self.on_export: Callable[[ExportContext], None] = lambda context: None
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def export(self, context: ExportContext) -> ExportResult:
+        self.calls.append(("export", context))
+        self.on_export(context)
+        record_id = f"r{len(self.records) + 1}"
+        self.records[record_id] = context.content
+        return ExportResult(True, self.name, record_id=record_id)
+
+    def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
+        self.calls.append(("update", context))
+        assert previous.record_id is not None
+        self.records[previous.record_id] = context.content
+        return ExportResult(True, self.name, record_id=previous.record_id)
+
+    def reconcile(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
+        self.calls.append(("reconcile", context))
+        return earlier
+
+
+def version(corpus: Path, n: int) -> bytes:
+    """The corpus record with a trailing comment: a rebuilt version ``n`` of one session."""
+    return (corpus / "example_record.xml").read_bytes() + f"<!-- version {n} -->\n".encode()
+
+
+def test_new_content_for_a_session_updates_its_one_record(
+    pipeline: Callable[..., Pipeline], drop: Path, corpus: Path
+) -> None:
+    keeper = Keeper()
+    p = pipeline(keeper)
+    for n in (1, 2, 2):  # built, rebuilt, and the rebuild dropped again
+        (drop / "x.xml").write_bytes(version(corpus, n))
+        assert p.process(drop / "x.xml").ok
+
+    assert keeper.records == {"r1": version(corpus, 2)}
+    assert [kind for kind, _ in keeper.calls] == ["export", "update", "reconcile"]
+    assert [u.state for u in p.store.uploads("x")] == ["succeeded", "updated", "reused"]
+    assert [u.record_id for u in p.store.uploads("x")] == ["r1"] * 3
+    assert sorted(f.name for f in (drop / "uploaded").iterdir()) == ["x.1.xml", "x.2.xml", "x.xml"]
+
+
+def test_a_nexuslims_plugin_without_update_is_sent_the_new_version(
+    pipeline: Callable[..., Pipeline], drop: Path, corpus: Path
+) -> None:
+    dest = Scripted("plain", 1, "ok")  # NexusLIMS's interface only: no hooks, no base class
+    p = pipeline(dest)
+    for n in (1, 2):
+        (drop / "x.xml").write_bytes(version(corpus, n))
+        assert p.process(drop / "x.xml").ok
+    assert [c.content for c in dest.calls] == [version(corpus, 1), version(corpus, 2)]
+    assert [u.state for u in p.store.uploads("x")] == ["succeeded", "updated"]
+
+
+def test_a_result_from_another_endpoint_is_never_reused(
+    pipeline: Callable[..., Pipeline],
+    drop: Path,
+    corpus: Path,
+) -> None:
+    staging = Keeper(endpoint="https://staging.example/")
+    p = pipeline(staging)
+    (drop / "x.xml").write_bytes(version(corpus, 1))
+    assert p.process(drop / "x.xml").ok
+    p.work.release()
+
+    production = Keeper(endpoint="https://production.example/")  # the URL was changed
+    p = pipeline(production)
+    (drop / "x.xml").write_bytes(version(corpus, 1))
+    assert p.process(drop / "x.xml").ok
+
+    assert [kind for kind, _ in production.calls] == ["export"]
+    rows = p.store.uploads("x")
+    assert [(u.endpoint, u.state) for u in rows] == [
+        ("https://staging.example/", "succeeded"),
+        ("https://production.example/", "succeeded"),
+    ]
+
+
+def test_a_file_changed_while_it_is_exported_is_exported_again(
+    pipeline: Callable[..., Pipeline], drop: Path, corpus: Path
+) -> None:
+    keeper = Keeper()
+
+    def builder_appends_once(context: ExportContext) -> None:
+        if len(keeper.calls) == 1:  # a writer that still had the file open adds to it
+            with context.xml_file_path.open("ab") as fh:
+                fh.write(b"<!-- appended -->\n")
+
+    keeper.on_export = builder_appends_once
+    p = pipeline(keeper)
+    (drop / "x.xml").write_bytes(version(corpus, 1))
+
+    report = p.process(drop / "x.xml")
+
+    final = version(corpus, 1) + b"<!-- appended -->\n"
+    assert report.ok
+    assert keeper.records == {"r1": final}  # the destination holds what uploaded/ holds
+    assert (drop / "uploaded" / "x.xml").read_bytes() == final
+    assert [kind for kind, _ in keeper.calls] == ["export", "update"]
+
+
+def test_a_file_that_keeps_changing_is_not_called_exported(
+    pipeline: Callable[..., Pipeline], drop: Path, corpus: Path
+) -> None:
+    def append(context: ExportContext) -> None:
+        with context.xml_file_path.open("ab") as fh:
+            fh.write(b"<!-- more -->\n")
+
+    class Restless(Keeper):  # the writer is faster than every export
+        def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
+            append(context)
+            return super().update(context, previous)
+
+    keeper = Restless()
+    keeper.on_export = append
+    p = pipeline(keeper)
+    (drop / "x.xml").write_bytes(version(corpus, 1))
+
+    report = p.process(drop / "x.xml")
+
+    assert report.outcome is Outcome.FAILED and "kept changing" in (report.error or "")
+    assert (drop / "failed" / "x.xml").exists()
+    assert not (drop / "uploaded" / "x.xml").exists()
+
+
+def test_the_next_attempt_after_a_crash_is_told_it_was_interrupted(
+    pipeline: Callable[..., Pipeline], drop: Path, corpus: Path
+) -> None:
+    keeper = Keeper()
+    p = pipeline(keeper)
+    (drop / "x.xml").write_bytes(version(corpus, 1))
+    record = p.reader.read(drop / "x.xml")
+    # What a process killed mid-call leaves: an in-flight row, and the file in its folder.
+    p.store.begin_attempt(record, keeper.name, keeper.endpoint, p.work.worker)
+    p.work.claim(drop / "x.xml")
+    p.work.release()  # the kernel releases the slot of a dead process
+
+    again = pipeline(keeper)  # the next start takes the slot and recovers it
+    assert again.work.worker == p.work.worker
+    assert (drop / "x.xml").exists()  # put back
+    assert [u.state for u in again.store.uploads("x")] == ["interrupted"]
+
+    assert again.process(drop / "x.xml").ok
+    [(kind, context)] = keeper.calls
+    assert kind == "export" and context.interrupted
+    assert [u.state for u in again.store.uploads("x")] == ["interrupted", "succeeded"]
+
+
+def test_two_processes_export_one_session_one_after_the_other(
+    pipeline: Callable[..., Pipeline],
+    drop: Path,
+    corpus: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    keeper = Keeper()
+    p = pipeline(keeper)
+    # Another daemon sharing the database holds session x (it is exporting x.xml).
+    assert p.store.lock_session("x", "elsewhere-0", "x.xml")
+    (drop / "x.1.xml").write_bytes(version(corpus, 1))
+    done: list[Outcome] = []
+    worker = threading.Thread(target=lambda: done.append(p.process(drop / "x.1.xml").outcome))
+    with caplog.at_level(logging.INFO, logger="nxdrop"):
+        worker.start()
+        wait_for(lambda: "another nxdrop is exporting session x" in caplog.text)
+        assert keeper.calls == [] and done == []
+        p.store.unlock_session("x", "elsewhere-0")
+        worker.join(timeout=30)
+    assert done == [Outcome.EXPORTED]
+    assert keeper.records == {"r1": version(corpus, 1)}
+
+
+def test_the_reason_is_in_failed_before_the_record(
+    pipeline: Callable[..., Pipeline], place: Callable[..., Path], drop: Path
+) -> None:
+    order: list[str] = []
+
+    class Recorder(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            path = event.dest_path if event.event_type == "moved" else event.src_path
+            name = os.path.basename(os.fsdecode(path))
+            if name in ("x.xml", "x.xml.error.json") and name not in order:
+                order.append(name)  # the first moment each name appears in failed/
+
+    p = pipeline(Scripted("a", 1, "fail"))
+    observer = InotifyObserver(generate_full_events=True)
+    observer.schedule(Recorder(), str(drop / "failed"))
+    observer.start()
+    try:
+        assert p.process(place(name="x.xml")).outcome is Outcome.FAILED
+        wait_for(lambda: len(order) == 2)
+    finally:
+        observer.stop()
+        observer.join()
+    assert order == ["x.xml.error.json", "x.xml"]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -1,4 +1,5 @@
-"""The log in SQLite and PostgreSQL: the contract's SQL, time zones, threads."""
+"""The log in SQLite and PostgreSQL: the contract's SQL, time zones, threads, the session
+lock, what the log knows of a session, recovery after a crash, and older tables."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 
 from nxdrop.destinations import ExportResult
 from nxdrop.records import Record, RecordReader
-from nxdrop.store import RecordStatus, Store
+from nxdrop.store import AttemptState, RecordStatus, Standing, Store
 
-POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+ENDPOINT = "https://cdcs.example/"
 
 
 @pytest.fixture
@@ -32,17 +33,19 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "sqlite":
         yield Store(f"sqlite:///{tmp_path / 'nxdrop.db'}")
         return
-    try:
-        import psycopg2
-
-        psycopg2.connect(POSTGRES_URL).close()
-    except Exception as exc:  # the CI machine has it; a laptop may not
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 is not reachable: {exc}")
-    yield Store(POSTGRES_URL)
+    yield Store(request.getfixturevalue("postgres_url"))
 
 
-def _log(store: Store, record: Record, name: str, ok: bool) -> None:
-    attempt = store.begin_attempt(record, name)
+def _log(
+    store: Store,
+    record: Record,
+    name: str,
+    ok: bool,
+    *,
+    endpoint: str = ENDPOINT,
+    state: AttemptState | None = None,
+) -> None:
+    attempt = store.begin_attempt(record, name, endpoint, "lab-0")
     result = ExportResult(
         ok,
         name,
@@ -50,7 +53,8 @@ def _log(store: Store, record: Record, name: str, ok: bool) -> None:
         error_message=None if ok else "HTTP 500",
         metadata={"k": 1},
     )
-    store.finish_attempt(attempt, result, 0.25)
+    state = state or (AttemptState.SUCCEEDED if ok else AttemptState.FAILED)
+    store.finish_attempt(attempt, result, state, 0.25)
 
 
 def test_contract_queries_answer(store: Store, record: Record) -> None:
@@ -89,17 +93,81 @@ def test_one_session_row_and_aware_utc_timestamps(store: Store, record: Record) 
     assert [s.session_identifier for s in store.recent_sessions(1000)].count(sid) == 1
 
 
-def test_earlier_success_is_found_by_bytes(store: Store, record: Record) -> None:
+def test_standings_say_what_each_destination_holds_per_endpoint(
+    store: Store, record: Record
+) -> None:
+    sid = record.session_identifier
+    assert store.standings(sid) == {}
     _log(store, record, "cdcs", False)
-    assert store.earlier_success("cdcs", record.sha256) is None
+    assert store.standings(sid) == {}  # a failure holds nothing
     _log(store, record, "cdcs", True)
-    found = store.earlier_success("cdcs", record.sha256)
-    assert found is not None and found.record_id == "7" and found.metadata == {"k": 1}
-    assert store.earlier_success("elabftw", record.sha256) is None
+    _log(store, record, "cdcs", True, endpoint="https://other.example/")
+    _log(store, record, "elabftw", True, state=AttemptState.UPDATED)
+
+    standings = store.standings(sid)
+    held = standings[("cdcs", ENDPOINT)].latest_success
+    assert held is not None and held.record_id == "7" and held.metadata == {"k": 1}
+    assert held.file_sha256 == record.sha256 and held.as_result().success
+    assert set(standings) == {
+        ("cdcs", ENDPOINT),
+        ("cdcs", "https://other.example/"),
+        ("elabftw", ENDPOINT),
+    }
+    assert not any(s.interrupted for s in standings.values())
+
+
+def test_a_dead_workers_attempts_become_interrupted_until_a_success(
+    store: Store, record: Record
+) -> None:
+    sid = record.session_identifier
+    dead, alive = f"dead-{uuid.uuid4().hex[:8]}", f"alive-{uuid.uuid4().hex[:8]}"
+    store.begin_attempt(record, "cdcs", ENDPOINT, dead)  # its process was killed
+    store.begin_attempt(record, "cdcs", ENDPOINT, alive)  # alive: not ours to judge
+    assert store.lock_session(sid, dead, record.name)
+
+    assert store.recover([dead]) == 1
+    assert [u.state for u in store.uploads(sid)] == ["interrupted", "in_flight"]
+    assert store.standings(sid)[("cdcs", ENDPOINT)] == Standing(interrupted=True)
+    assert store.lock_session(sid, "lab-5", record.name)  # its lock was released
+
+    _log(store, record, "cdcs", True)
+    standing = store.standings(sid)[("cdcs", ENDPOINT)]
+    assert not standing.interrupted and standing.latest_success is not None
+
+
+def test_the_session_lock_is_held_by_one_worker_at_a_time(store: Store, record: Record) -> None:
+    sid = record.session_identifier
+    assert store.lock_session(sid, "lab-0", record.name)
+    assert store.lock_session(sid, "lab-0", record.name)  # its own, again
+    assert not store.lock_session(sid, "lab-1", record.name)
+    store.unlock_session(sid, "lab-1")  # not its lock: nothing happens
+    assert not store.lock_session(sid, "lab-1", record.name)
+    store.unlock_session(sid, "lab-0")
+    assert store.lock_session(sid, "lab-1", record.name)
+    row = store.session(sid)
+    assert row is not None and row.record_status == "EXPORTING"
+
+
+def test_many_workers_race_for_one_session_and_one_wins(store: Store, record: Record) -> None:
+    sid = record.session_identifier
+    barrier = threading.Barrier(8)
+    won: list[str] = []
+
+    def race(n: int) -> None:
+        barrier.wait()
+        if store.lock_session(sid, f"w-{n}", record.name):
+            won.append(f"w-{n}")
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(won) == 1
 
 
 def test_in_flight_attempt_is_visible(store: Store, record: Record) -> None:
-    store.begin_attempt(record, "cdcs")
+    store.begin_attempt(record, "cdcs", ENDPOINT, "lab-0")
     [row] = store.uploads(record.session_identifier)
     assert (row.state, row.success) == ("in_flight", False)
 
@@ -128,3 +196,28 @@ def test_sqlite_uses_wal(tmp_path: Path) -> None:
     Store(f"sqlite:///{tmp_path / 'sub' / 'nxdrop.db'}")
     with sqlite3.connect(tmp_path / "sub" / "nxdrop.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_database_of_the_first_version_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the tables as nxdrop 0.1 made them
+        conn.executescript(
+            """
+            CREATE TABLE upload_log (id INTEGER PRIMARY KEY, session_identifier VARCHAR(255),
+              destination_name VARCHAR(255), success INTEGER, timestamp TEXT,
+              record_id VARCHAR(255), record_url TEXT, error_message TEXT, metadata_json TEXT,
+              state VARCHAR(255), file_name VARCHAR(255), file_sha256 VARCHAR(64),
+              status_code INTEGER, attempts INTEGER, duration_seconds REAL, worker VARCHAR(255));
+            CREATE TABLE session_log (id INTEGER PRIMARY KEY, session_identifier VARCHAR(255)
+              UNIQUE, instrument VARCHAR(255), user VARCHAR(255), record_status VARCHAR(255),
+              timestamp TEXT, file_name VARCHAR(255), file_sha256 VARCHAR(64),
+              error_message TEXT);
+            INSERT INTO session_log (session_identifier, record_status, timestamp)
+              VALUES ('old', 'COMPLETED', '2024-01-01T00:00:00+00:00');
+            """
+        )
+    store = Store(f"sqlite:///{path}")
+    assert store.lock_session("old", "lab-0", "old.xml")
+    with sqlite3.connect(path) as conn:
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(upload_log)")}
+    assert "endpoint" in columns

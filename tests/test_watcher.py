@@ -15,13 +15,13 @@ import pytest
 from watchdog.events import FileSystemEvent, FileSystemEventHandler, PatternMatchingEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
-from nxdrop.folders import DropFolder
+from nxdrop.folders import DropFolder, WorkFolder
+from nxdrop.settle import SettleTracker
 from nxdrop.watcher import (
     EVENTS,
     OVERFLOW_LOGGER,
     DropHandler,
     Kind,
-    SettleTracker,
     Sighting,
     Watcher,
 )
@@ -155,10 +155,11 @@ def test_a_write_in_progress_waits_for_the_close(folder: DropFolder, drop: Path)
         watcher.stop()
 
 
-def test_the_move_of_an_exported_file_is_paired_and_not_held_back(
+def test_the_move_of_a_claimed_file_is_paired_and_not_held_back(
     folder: DropFolder, drop: Path
 ) -> None:
     """An unpaired move out would hold every later event for 0.5 s: the latency of the next file."""
+    work, _ = WorkFolder.acquire(folder, host="lab")
     sightings = Sightings()
     watcher = Watcher(folder, "inotify", settle_seconds=0.2, sink=sightings.put)
     watcher.start()
@@ -174,13 +175,14 @@ def test_the_move_of_an_exported_file_is_paired_and_not_held_back(
         watcher.observer.schedule(Raw(), str(drop), recursive=True, event_filter=list(EVENTS))
         (drop / "done.xml").write_bytes(b"<x/>")
         sightings.wait_for(drop / "done.xml", {Kind.READY})
-        folder.move_to_uploaded(drop / "done.xml")
+        work.claim(drop / "done.xml")
         event = raw.get(timeout=DEADLINE)
     finally:
         watcher.stop()
+        work.release()
     assert (event.src_path, event.dest_path) == (
         str(drop / "done.xml"),
-        str(drop / "uploaded" / "done.xml"),
+        str(work.path / "done.xml"),
     )
 
 

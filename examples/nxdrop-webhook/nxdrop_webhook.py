@@ -6,6 +6,10 @@ Configuration, read from the environment like nxdrop's own settings:
 - ``NX_WEBHOOK_TIMEOUT``: seconds for the request (default 10)
 
 It runs after CDCS and eLabFTW (priority 40) so it can link to the CDCS record.
+
+Every POST carries an ``Idempotency-Key`` header: the SHA-256 of the record's bytes. A post
+that nxdrop retries (the reply was lost) or sends again (the file was dropped again) has
+the same key, so the receiver can tell it already has this record and ignore the repeat.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import os
 
 import requests
 
-from nxdrop.destinations import ExportContext, ExportResult
+from nxdrop.destinations import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import PermanentError, TransientError
 
 
-class WebhookDestination:
+class WebhookDestination(ExportDestination):
     """POSTs a JSON summary of the record, with the CDCS link when CDCS has it."""
 
     name = "webhook"
@@ -38,6 +42,11 @@ class WebhookDestination:
         """Shown by ``nxdrop destinations`` while it is off."""
         return "NX_WEBHOOK_URL is not set"
 
+    @property
+    def endpoint(self) -> str:
+        """The webhook URL: nxdrop reuses an earlier result only if it was sent here."""
+        return self.url
+
     def validate_config(self) -> tuple[bool, str | None]:
         """Only the URL's form: a webhook usually has nothing harmless to GET."""
         if not self.url.startswith(("http://", "https://")):
@@ -55,8 +64,11 @@ class WebhookDestination:
             "end": context.dt_to.isoformat() if context.dt_to else None,
             "cdcs_url": cdcs.record_url if cdcs is not None and cdcs.success else None,
         }
+        # The record's identity, not the attempt's: a retry or a re-drop of the same bytes
+        # sends the same key, and the receiver keeps only the first post.
+        headers = {"Idempotency-Key": context.sha256}
         try:
-            response = requests.post(self.url, json=payload, timeout=self.timeout)
+            response = requests.post(self.url, json=payload, headers=headers, timeout=self.timeout)
         except requests.RequestException as exc:
             raise TransientError(f"webhook: {exc}") from exc
         if response.status_code >= 500:

@@ -3,6 +3,10 @@
 Layout: ``<NX_ARCHIVE_PATH>/<instrument>/<YYYY>/<MM>/<session>.xml``, the date being the
 record's start in its own time zone. Each copy is written under a temporary name, fsynced
 and renamed into place, so a reader of the archive never sees half a record.
+
+One session, one record: ``<session>.xml`` is always the latest version of the session's
+record. New content for it replaces it, and the version it replaces is kept beside it as
+``<session>.v1.xml``, ``<session>.v2.xml``, … (oldest first).
 """
 
 from __future__ import annotations
@@ -10,12 +14,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from nxdrop.destinations.base import ExportContext, ExportResult
+from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import PermanentError
-from nxdrop.folders import rename_noreplace, unique_names
+from nxdrop.fsops import fsync_dir, rename_noreplace, write_temporary
 from nxdrop.settings import Settings
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -27,7 +30,7 @@ def _safe_segment(value: str | None, fallback: str) -> str:
     return cleaned or fallback
 
 
-class ArchiveDestination:
+class ArchiveDestination(ExportDestination):
     """Copies records into ``NX_ARCHIVE_PATH``; enabled when that is set."""
 
     name = "archive"
@@ -50,6 +53,11 @@ class ArchiveDestination:
         """Why it is off, for ``nxdrop destinations``."""
         return "NX_ARCHIVE_PATH is not set"
 
+    @property
+    def endpoint(self) -> str:
+        """The archive folder, absolute."""
+        return str(self.root.absolute()) if self.root is not None else ""
+
     def validate_config(self) -> tuple[bool, str | None]:
         """The archive folder exists (or can be made) and this user may write in it."""
         if self.root is None:
@@ -62,28 +70,58 @@ class ArchiveDestination:
             return False, f"NX_ARCHIVE_PATH={self.root}: not writable by this user"
         return True, None
 
-    def folder_for(self, context: ExportContext) -> Path:
-        """``<root>/<instrument>/<YYYY>/<MM>`` for this record."""
+    def path_for(self, context: ExportContext) -> Path:
+        """``<root>/<instrument>/<YYYY>/<MM>/<session>.xml`` for this record."""
         assert self.root is not None
         when = context.dt_from
         year, month = (f"{when.year:04d}", f"{when.month:02d}") if when else ("undated", "00")
         instrument = _safe_segment(context.instrument_pid, "unknown-instrument")
-        return self.root / instrument / year / month
+        name = _safe_segment(context.session_identifier, "record") + ".xml"
+        return self.root / instrument / year / month / name
 
     def export(self, context: ExportContext) -> ExportResult:
-        """Copy the record; an identical copy already there is reused, never rewritten."""
-        assert self.root is not None
-        content = context.content
-        digest = hashlib.sha256(content).hexdigest()
-        folder = self.folder_for(context)
-        name = _safe_segment(context.session_identifier, "record") + ".xml"
+        """Write the session's copy; the same bytes already there are reused, never rewritten,
+        and other bytes there (an earlier version of this session) are kept as a version."""
+        target = self.path_for(context)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            target = self._existing_copy(folder, name, digest) or self._write(
-                folder, name, content, digest
-            )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._write(target, context.content, context.sha256)
         except OSError as exc:
-            raise PermanentError(f"archive {folder}: {exc.strerror or exc}") from exc
+            raise PermanentError(f"archive {target.parent}: {exc.strerror or exc}") from exc
+        return self._result(target, context.sha256)
+
+    def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
+        """Replace the session's copy; one that moved (new instrument or month) is kept as a
+        version where it was."""
+        assert self.root is not None
+        target = self.path_for(context)
+        old = self.root / previous.record_id if previous.record_id else None
+        if old is not None and old != target and old.is_file():
+            try:
+                _keep_version(old)
+                old.unlink()
+            except OSError as exc:
+                raise PermanentError(f"archive {old}: {exc.strerror or exc}") from exc
+        return self.export(context)
+
+    def _write(self, target: Path, content: bytes, digest: str) -> None:
+        if _sha256_of(target) == digest:
+            return  # already there: an identical copy is never rewritten
+        tmp = write_temporary(target.parent, target.name, content)
+        try:
+            try:
+                rename_noreplace(tmp, target)
+            except FileExistsError:
+                if _sha256_of(target) == digest:
+                    return  # another worker just wrote the same bytes
+                _keep_version(target)
+                os.replace(tmp, target)
+            fsync_dir(target.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _result(self, target: Path, digest: str) -> ExportResult:
+        assert self.root is not None
         return ExportResult(
             success=True,
             destination_name=self.name,
@@ -92,49 +130,39 @@ class ArchiveDestination:
             metadata={"sha256": digest, "path": str(target)},
         )
 
-    def _existing_copy(self, folder: Path, name: str, digest: str) -> Path | None:
-        for candidate in unique_names(folder, name):
-            if not candidate.is_file():
-                return None
-            if _sha256_of(candidate) == digest:
-                return candidate
-        return None  # pragma: no cover - unique_names is endless
 
-    def _write(self, folder: Path, name: str, content: bytes, digest: str) -> Path:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        tmp = Path(tmp_name)
+def _keep_version(path: Path) -> Path:
+    """Keep the file at ``path`` as its next ``.v<n>.xml`` version (unless already kept)."""
+    digest = _sha256_of(path)
+    stem = path.name.removesuffix(".xml")
+    n = 1
+    while True:
+        version = path.with_name(f"{stem}.v{n}.xml")
+        if not version.exists():
+            break
+        if _sha256_of(version) == digest:
+            return version  # kept by an attempt that stopped before replacing
+        n += 1
+    try:
+        os.link(path, version)  # no copy, and never over an existing name
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (some SMB shares): a copy
+        tmp = write_temporary(path.parent, version.name, path.read_bytes())
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(content)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            for target in unique_names(folder, name):
-                try:
-                    rename_noreplace(tmp, target)
-                except FileExistsError:
-                    # Someone else (another worker, another daemon) just wrote the same bytes.
-                    if _sha256_of(target) == digest:
-                        return target
-                    continue
-                _fsync_dir(folder)
-                return target
+            rename_noreplace(tmp, version)
         finally:
             tmp.unlink(missing_ok=True)
-        raise AssertionError("unreachable: unique_names is endless")
+    return version
 
 
-def _sha256_of(path: Path) -> str:
+def _sha256_of(path: Path) -> str | None:
+    """The SHA-256 of the file at ``path``, or ``None`` if there is none."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()

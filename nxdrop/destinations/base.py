@@ -1,7 +1,17 @@
-"""The destination interface, NexusLIMS's: a NexusLIMS destination ports by changing imports."""
+"""The destination interface: NexusLIMS's, plus optional hooks declared here with defaults.
+
+A NexusLIMS destination ports by changing its imports: it needs only ``name``,
+``priority``, ``enabled``, ``validate_config()`` and ``export(context)``, and does not
+have to subclass anything (:class:`PortedDestination` wraps it). A destination that
+subclasses :class:`ExportDestination` may also override the optional hooks —
+``configure``, ``endpoint``, ``disabled_reason``, ``update`` and ``reconcile`` — whose
+defaults are declared here, the way pluggy declares hookspecs: nxdrop calls them on every
+destination and never looks for them with ``getattr``.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +52,10 @@ class ExportContext:
 
     ``previous_results`` holds the results of the destinations that ran before this one,
     by name, so a destination can link to them (``get_result("cdcs")``).
+
+    ``interrupted`` is true when an earlier attempt at this destination, for this session,
+    was cut off after it may have reached the server (nxdrop was killed mid-call): before
+    creating anything, look for what that attempt may have made.
     """
 
     xml_file_path: Path
@@ -53,6 +67,7 @@ class ExportContext:
     previous_results: dict[str, ExportResult] = field(default_factory=dict)
     record: Record | None = None
     attempt: int = 1
+    interrupted: bool = False
 
     @classmethod
     def for_record(cls, record: Record) -> ExportContext:
@@ -71,6 +86,10 @@ class ExportContext:
         """The result of an earlier destination, or ``None`` if it did not run."""
         return self.previous_results.get(destination_name)
 
+    def has_successful_export(self, destination_name: str) -> bool:
+        """Whether an earlier destination ran and succeeded (NexusLIMS 2.x)."""
+        return self.successful_result(destination_name) is not None
+
     def successful_result(self, destination_name: str) -> ExportResult | None:
         """The earlier destination's result if it succeeded: what a cross-link needs."""
         result = self.get_result(destination_name)
@@ -83,34 +102,113 @@ class ExportContext:
             return self.record.content
         return self.xml_file_path.read_bytes()
 
+    @property
+    def sha256(self) -> str:
+        """The SHA-256 of :attr:`content`, hex: the record's identity at a destination."""
+        if self.record is not None:
+            return self.record.sha256
+        return hashlib.sha256(self.content).hexdigest()
+
+
+class ExportDestination:
+    """Base class of nxdrop's destinations; every optional hook has its default here.
+
+    Required, as in NexusLIMS: ``name``, ``priority``, ``enabled``, ``validate_config``
+    and ``export``. Optional, with the defaults below: ``configure`` (receive nxdrop's
+    settings once), ``disabled_reason``, ``endpoint`` (where records go: earlier results are
+    reused only at the same endpoint), ``update`` (new content for a session this
+    destination already holds) and ``reconcile`` (the same content again).
+    """
+
+    name: str = ""
+    priority: int = 0
+
+    def configure(self, settings: Settings) -> None:
+        """Called once after creation with nxdrop's settings; the default ignores them."""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether it is configured to run."""
+        return True
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why it is off, for ``nxdrop destinations``; ``None`` says "not configured"."""
+        return None
+
+    @property
+    def endpoint(self) -> str:
+        """Where this destination puts records: a server's URL, a folder.
+
+        An earlier result is reused (or updated) only when it was made at the same
+        endpoint, so a record id from one server is never taken for one on another.
+        """
+        return ""
+
+    def validate_config(self) -> tuple[bool, str | None]:
+        """Check the configuration (and reach the service); ``(ok, reason if not)``."""
+        return True, None
+
+    def export(self, context: ExportContext) -> ExportResult:
+        """Publish the record; raise or return a failed result on failure."""
+        raise NotImplementedError(f"destination {self.name!r} does not implement export()")
+
+    def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
+        """Replace the record ``previous`` with the new content of the same session.
+
+        The default exports anew: a destination that cannot edit what it published
+        (a webhook, a mail) announces the new version instead.
+        """
+        return self.export(context)
+
+    def reconcile(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
+        """The same record again (a retry, a re-drop): ``earlier`` is what it made then.
+
+        The default trusts the log and reuses ``earlier``. A destination that can look
+        should check that the record is still there and still ours, add what is new (a
+        link that did not exist then), and export anew if it is gone.
+        """
+        return earlier
+
 
 @runtime_checkable
-class ExportDestination(Protocol):
-    """A destination: a class created with no arguments.
-
-    Optionally it may define ``configure(settings)``, called once after creation with
-    nxdrop's settings (the built-ins take their configuration that way; a plugin may read
-    its own ``NX_*`` variables instead).
-    """
+class NexusLIMSDestination(Protocol):
+    """The shape of a NexusLIMS export destination, which need not subclass anything."""
 
     name: str
     priority: int
 
     @property
+    def enabled(self) -> bool: ...
+
+    def validate_config(self) -> tuple[bool, str | None]: ...
+
+    def export(self, context: ExportContext) -> ExportResult: ...
+
+
+class PortedDestination(ExportDestination):
+    """A NexusLIMS-style destination given the optional hooks' defaults."""
+
+    def __init__(self, plugin: NexusLIMSDestination) -> None:
+        self.plugin = plugin
+        self.name = str(plugin.name)
+        self.priority = int(plugin.priority)
+
+    @property
     def enabled(self) -> bool:
-        """Whether it is configured to run."""
-        ...
+        return bool(self.plugin.enabled)
 
     def validate_config(self) -> tuple[bool, str | None]:
-        """Check the configuration (and reach the service); ``(ok, reason if not)``."""
-        ...
+        return self.plugin.validate_config()
 
     def export(self, context: ExportContext) -> ExportResult:
-        """Publish the record; raise or return a failed result on failure."""
-        ...
+        return self.plugin.export(context)
 
 
-class Configurable(Protocol):
-    """The optional hook through which a destination receives nxdrop's settings."""
-
-    def configure(self, settings: Settings) -> None: ...
+def as_destination(obj: object) -> ExportDestination | None:
+    """``obj`` as an :class:`ExportDestination`: itself, or ported; ``None`` if it is neither."""
+    if isinstance(obj, ExportDestination):
+        return obj
+    if isinstance(obj, NexusLIMSDestination):
+        return PortedDestination(obj)
+    return None

@@ -1,26 +1,39 @@
-"""The CDCS destination: records into a NIST CDCS (NexusLIMS-CDCS) through its REST API."""
+"""The CDCS destination: records into a NIST CDCS (NexusLIMS-CDCS) through its REST API.
+
+One session, one record: a session's record is the token user's own record titled with the
+session identifier (under the configured template). New content for the session replaces
+that record's XML in place (``PATCH rest/data/<id>/``), so its id, and every link to it, stay
+valid. A record id from the log is trusted only after CDCS confirms the record is still
+there, is titled with this session and is among the token user's own records: anybody
+else's record is never patched, published or taken for ours.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from nxdrop.destinations.base import ExportContext, ExportResult
+from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, PermanentError, TransientError
 from nxdrop.http import HttpClient, check_base_url, join_url
 
 if TYPE_CHECKING:
     from nxdrop.settings import Settings
 
+log = logging.getLogger(__name__)
+
 # CDCS pages lists by 10; a title matching more pages than this is not our doing.
 _MAX_PAGES = 50
 
 
-class CDCSDestination:
-    """Creates one CDCS record per session, titled by its session identifier, and publishes it.
+class CDCSDestination(ExportDestination):
+    """One CDCS record per session, titled by its session identifier, kept up to date and
+    published.
 
-    Before creating, it looks for a record with the same title, template and exact XML, so an
-    attempt interrupted after CDCS answered never leaves a duplicate behind.
+    Before creating, it looks among the token user's records of this title and template: one
+    with exactly this XML (an interrupted attempt made it) is reused, else the most recent
+    one is updated in place, so not even a fresh database leads to a second record.
     """
 
     name = "cdcs"
@@ -56,6 +69,11 @@ class CDCSDestination:
         """Why it is off, for ``nxdrop destinations``."""
         return "NX_CDCS_URL and NX_CDCS_TOKEN must both be set"
 
+    @property
+    def endpoint(self) -> str:
+        """The CDCS base URL: records found at another URL are never taken for ours."""
+        return self._client.base_url.rstrip("/") + "/" if self._client is not None else ""
+
     def validate_config(self) -> tuple[bool, str | None]:
         """Reach CDCS with the token: find the template and, if publishing, the workspace."""
         if not self.enabled:
@@ -71,42 +89,30 @@ class CDCSDestination:
         return True, None
 
     def export(self, context: ExportContext) -> ExportResult:
-        """Create (or find, if an earlier attempt made it) the record, then publish it."""
-        template = self._template_id()
-        workspace = self._workspace_id() if self.assign else None
-        title = context.session_identifier
-        try:
-            xml = context.content.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise PermanentError(f"the record is not UTF-8: {exc}") from None
-        record = self._find(title, template, xml)
-        if record is None:
-            body = {"template": template, "title": title, "xml_content": xml}
-            try:
-                record = self._http().json("POST", "rest/data/", json=body)
-            except PermanentError as exc:
-                if exc.status_code not in (400, 500):
-                    raise
-                # CDCS answers 500 for XML that fails the template: the record is bad.
-                raise PermanentError(
-                    f"CDCS rejected the record (template {template}): {exc}",
-                    status_code=exc.status_code,
-                ) from exc
-        return self._published(record, template, workspace, title)
+        """Make CDCS hold this record as the session's one record, published.
+
+        Among the token user's records of this title and template: the one with exactly
+        this XML is reused; failing that the most recent one is updated in place; failing
+        that a record is created.
+        """
+        return self._settle(context, stored_id=None)
+
+    def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
+        """Replace the XML of the session's record ``previous`` made; same id, same URL.
+
+        A record that is gone, unreadable to this token or titled otherwise is not ours: it
+        is never touched, and the session's record is found or made as :meth:`export` does.
+        """
+        return self._follow(context, previous)
 
     def reconcile(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
-        """Reuse the record an earlier export made, if CDCS still has it; else export anew."""
-        if not earlier.record_id:
-            return self.export(context)
-        try:
-            record = self._http().json("GET", f"rest/data/{earlier.record_id}/")
-        except PermanentError as exc:
-            if exc.status_code == 404:
-                return self.export(context)
-            raise
-        workspace = self._workspace_id() if self.assign else None
-        template = str(record.get("template", earlier.metadata.get("template")))
-        return self._published(record, template, workspace, context.session_identifier)
+        """The same bytes again: check that ``earlier``'s record is still ours and current.
+
+        Ours and unchanged: published if need be and reused. Ours but with other XML
+        (edited on the server): updated. Not ours (gone, another user's, another title, as
+        after the server was reinstalled): never touched; :meth:`export` instead.
+        """
+        return self._follow(context, earlier)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -174,18 +180,115 @@ class CDCSDestination:
                 self._workspace = str(public[0]["id"])
             return self._workspace
 
-    def _find(self, title: str, template: str, xml: str) -> dict[str, Any] | None:
-        """The record an earlier attempt created with exactly this content, if any."""
+    def _follow(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
+        """Update or reuse the record ``earlier`` names, if CDCS shows it is ours."""
+        title = context.session_identifier
+        stored_id = earlier.record_id
+        if stored_id and not self._looks_ours(stored_id, title):
+            stored_id = None
+        return self._settle(context, stored_id=stored_id)
+
+    def _looks_ours(self, record_id: str, title: str) -> bool:
+        """Whether ``GET rest/data/<id>/`` shows this session's record (ownership is
+        checked by :meth:`_settle` against the token user's own records)."""
+        why: str | None = None
+        try:
+            stored = self._http().json("GET", f"rest/data/{record_id}/")
+        except PermanentError as exc:
+            # 403: someone else's private record (or a bad token, which the listing in
+            # ``_settle`` reports as such). 404: deleted, or a reinstalled server.
+            if exc.status_code not in (403, 404):
+                raise
+            why = "is gone" if exc.status_code == 404 else "is not readable with this token"
+        else:
+            if stored.get("title") != title:
+                why = f"is titled {stored.get('title')!r}"
+        if why is not None:
+            log.warning(
+                "CDCS record %s %s: not this session's record, left untouched",
+                record_id,
+                why,
+                extra={"SESSION_ID": title, "DESTINATION": self.name, "RECORD_ID": record_id},
+            )
+            return False
+        return True
+
+    def _settle(self, context: ExportContext, stored_id: str | None) -> ExportResult:
+        """Reuse, update or create the session's one record; publish it; its result.
+
+        ``stored_id`` is preferred among the token user's records of this title and
+        template (links to it stay valid), then one with exactly this XML, then the most
+        recent one.
+        """
+        template = self._template_id()
+        workspace = self._workspace_id() if self.assign else None
+        title = context.session_identifier
+        xml = _text(context)
+        own = self._own_records(title, template)
+        record = next((r for r in own if stored_id and str(r.get("id")) == stored_id), None)
+        if stored_id and record is None:
+            log.warning(
+                "CDCS record %s is not among this token's records titled %r (template %s): "
+                "left untouched",
+                stored_id,
+                title,
+                template,
+                extra={"SESSION_ID": title, "DESTINATION": self.name, "RECORD_ID": stored_id},
+            )
+        if record is None:
+            record = next((r for r in own if r.get("xml_content") == xml), None)
+        if record is None and own:
+            record = max(own, key=_recency)
+        if record is None:
+            record = self._create(title, template, xml)
+        elif record.get("xml_content") != xml:
+            record = self._replace_xml(record, template, xml)
+        return self._published(record, template, workspace, title)
+
+    def _own_records(self, title: str, template: str) -> list[dict[str, Any]]:
+        """The token user's records with this title and template (CDCS lists no others)."""
+        records: list[dict[str, Any]] = []
         # Page by number: ``next`` is built from the server's own idea of its URL, which
         # behind a reverse proxy with a sub-path may lack the sub-path.
         for page in range(1, _MAX_PAGES + 1):
             found = self._get("rest/data/", title=title, template=template, page=str(page))
-            for record in found["results"]:
-                if record.get("title") == title and record.get("xml_content") == xml:
-                    return record  # type: ignore[no-any-return]
+            records.extend(r for r in found["results"] if r.get("title") == title)
             if not found.get("next"):
                 break
-        return None
+        return records
+
+    def _create(self, title: str, template: str, xml: str) -> dict[str, Any]:
+        body = {"template": template, "title": title, "xml_content": xml}
+        try:
+            created: dict[str, Any] = self._http().json("POST", "rest/data/", json=body)
+        except PermanentError as exc:
+            if exc.status_code not in (400, 500):
+                raise
+            raise _rejected(exc, template) from exc
+        return created
+
+    def _replace_xml(self, record: dict[str, Any], template: str, xml: str) -> dict[str, Any]:
+        """``PATCH rest/data/<id>/`` with the new XML; CDCS validates it against the
+        record's template and keeps its id, title and workspace."""
+        record_id = str(record["id"])
+        try:
+            patched = self._http().json(
+                "PATCH", f"rest/data/{record_id}/", json={"xml_content": xml}
+            )
+        except PermanentError as exc:
+            if exc.status_code not in (400, 500):
+                raise  # 403: ours but not writable (a published record without the right)
+            raise _rejected(exc, template, record_id) from exc
+        log.info(
+            "CDCS record %s: XML replaced with the new version",
+            record_id,
+            extra={
+                "SESSION_ID": record.get("title"),
+                "DESTINATION": self.name,
+                "RECORD_ID": record_id,
+            },
+        )
+        return {**record, **patched} if isinstance(patched, dict) else record
 
     def _published(
         self, record: dict[str, Any], template: str, workspace: str | None, title: str
@@ -212,3 +315,31 @@ class CDCSDestination:
             record_url=join_url(self._http().base_url, f"data?id={record_id}"),
             metadata={"template": template, "workspace": workspace, "title": title},
         )
+
+
+def _text(context: ExportContext) -> str:
+    """The record as CDCS takes it: the file's exact bytes, decoded, never re-serialised."""
+    try:
+        return context.content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PermanentError(f"the record is not UTF-8: {exc}") from None
+
+
+def _recency(record: dict[str, Any]) -> tuple[str, str, int]:
+    """Sort key, newest content last: CDCS moves ``last_modification_date`` only when the
+    content changes; ISO timestamps from one server compare as strings."""
+    record_id = str(record.get("id", ""))
+    return (
+        str(record.get("last_modification_date") or ""),
+        str(record.get("creation_date") or ""),
+        int(record_id) if record_id.isdigit() else 0,
+    )
+
+
+def _rejected(exc: PermanentError, template: str, record_id: str | None = None) -> PermanentError:
+    """A 400 or 500 to a create or an XML update, worded for the operator: CDCS answers
+    500 (or 400) for XML that fails the template, so the record is bad, not the server."""
+    what = f"update of record {record_id}" if record_id else "record"
+    return PermanentError(
+        f"CDCS rejected the {what} (template {template}): {exc}", status_code=exc.status_code
+    )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
-from nxdrop.destinations.base import ExportDestination
+from nxdrop.destinations.base import ExportDestination, as_destination
 from nxdrop.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -90,17 +90,15 @@ def discover(settings: Settings) -> list[Found]:
 
 def _load(ep: EntryPoint, source: str, settings: Settings) -> Found:
     try:
-        destination = ep.load()()
-        configure = getattr(destination, "configure", None)
-        if callable(configure):
-            configure(settings)
+        destination = as_destination(ep.load()())
+        if destination is None:
+            return Found(ep.name, source, error="does not have the destination interface")
+        destination.configure(settings)
     except ConfigError as exc:
         return Found(ep.name, source, error=str(exc), config_error=True)
     except Exception as exc:
         log.warning("destination %s (%s) cannot be loaded: %s", ep.name, ep.value, exc)
         return Found(ep.name, source, error=f"cannot be loaded: {type(exc).__name__}: {exc}")
-    if not isinstance(destination, ExportDestination):
-        return Found(ep.name, source, error="does not have the destination interface")
     return Found(str(destination.name), source, destination=destination)
 
 

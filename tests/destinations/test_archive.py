@@ -57,19 +57,46 @@ def test_same_bytes_again_are_recognised_not_rewritten(
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
-def test_a_different_record_under_the_same_name_gets_a_unique_name(
+def test_new_content_replaces_the_copy_and_keeps_the_earlier_versions(
     archive: ArchiveDestination, place: Callable[..., Path], drop: Path
 ) -> None:
     first = archive.export(context(place()))
+    copy = Path(first.metadata["path"])
+    original = copy.read_bytes()
     changed = drop / "example_record.xml"
-    changed.write_bytes(changed.read_bytes() + b"<!-- corrected -->")
-    second = archive.export(context(changed))
-    third = archive.export(context(changed))  # and that one is recognised in turn
+    for n in (1, 2):
+        changed.write_bytes(original + f"<!-- correction {n} -->".encode())
+        again = archive.update(context(changed), first)
+        assert again.record_id == first.record_id  # one session, one record
+    assert archive.export(context(changed)).record_id == first.record_id  # recognised
 
-    assert first.record_id is not None and first.record_id.endswith("/example_record.xml")
-    assert second.record_id is not None and second.record_id.endswith("/example_record.1.xml")
-    assert third.record_id == second.record_id
-    assert Path(first.metadata["path"]).read_bytes() != Path(second.metadata["path"]).read_bytes()
+    assert copy.read_bytes() == original + b"<!-- correction 2 -->"
+    assert copy.with_name("example_record.v1.xml").read_bytes() == original
+    assert copy.with_name("example_record.v2.xml").read_bytes() == (
+        original + b"<!-- correction 1 -->"
+    )
+    assert sorted(p.name for p in copy.parent.iterdir()) == [
+        "example_record.v1.xml",
+        "example_record.v2.xml",
+        "example_record.xml",
+    ]
+
+
+def test_an_update_that_moves_the_record_keeps_the_old_copy_as_a_version(
+    archive: ArchiveDestination, drop: Path, corpus: Path, tmp_path: Path
+) -> None:
+    path = drop / "x.xml"
+    content = (corpus / "example_record.xml").read_bytes()
+    path.write_bytes(content)
+    first = archive.export(context(path))
+    path.write_bytes(content.replace(b"FEI-Titan-TEM", b"JEOL-ARM"))  # fixed instrument
+
+    moved = archive.update(context(path), first)
+
+    root = tmp_path / "archive"
+    assert moved.record_id == "JEOL-ARM/2018/11/x.xml"
+    assert not (root / "FEI-Titan-TEM/2018/11/x.xml").exists()
+    assert (root / "FEI-Titan-TEM/2018/11/x.v1.xml").read_bytes() == content
 
 
 def test_concurrent_exports_of_one_record_write_one_copy(

@@ -12,22 +12,25 @@ from typing import Any
 
 import pytest
 
-from nxdrop.destinations.base import ExportContext
+from nxdrop.app import App
+from nxdrop.destinations.base import ExportContext, ExportResult
 from nxdrop.destinations.cdcs import CDCSDestination
 from nxdrop.exceptions import ConfigError, PermanentError, TransientError
-from nxdrop.pipeline import Outcome, Pipeline
+from nxdrop.pipeline import Outcome
 from nxdrop.settings import Settings
-from nxdrop.store import Store
 from tests.conftest import RECORDS
 from tests.fixtures.cdcs_server import CDCSClient, CDCSServer, SubPathProxy
 
 cdcs = pytest.mark.cdcs
 Place = Callable[..., Path]
 MakeSettings = Callable[..., Settings]
+MakeApp = Callable[..., App]
 
 TEMPLATES = r"/rest/template-version-manager/global/$"
 WORKSPACES = r"/rest/workspace/read_access/$"
 CREATE = r"^/rest/data/$"
+UPDATE = r"^/rest/data/\d+/$"
+ASSIGN = r"^/rest/data/\d+/assign/\d+$"
 
 
 def unique_session() -> str:
@@ -38,6 +41,27 @@ def context_for(path: Path) -> ExportContext:
     """What the pipeline hands a destination, made by hand from a file."""
     stem = path.name.removesuffix(".xml")
     return ExportContext(path, stem, "FEI-Titan-TEM", None, None, None)
+
+
+def rebuilt(content: bytes, version: str) -> bytes:
+    """The same session's record rebuilt with other content (still valid): a new title."""
+    return content.replace(b"<title>", f"<title>{version}: ".encode(), 1)
+
+
+def cdcs_states(app: App, session: str) -> list[str]:
+    """The ``upload_log.state`` of the CDCS attempts of a session, oldest first."""
+    return [row.state for row in app.store.uploads(session) if row.destination_name == "cdcs"]
+
+
+def own_count(cdcs_server: CDCSServer, session: str) -> int:
+    """How many records titled ``session`` the token user (alice) owns."""
+    found = alice(cdcs_server).call("GET", "rest/data/", params={"title": session})
+    return int(found["count"])
+
+
+def alice(cdcs_server: CDCSServer) -> CDCSClient:
+    """A client with the token nxdrop uses: alice, who may publish."""
+    return CDCSClient(cdcs_server.url, cdcs_server.user_token)
 
 
 @pytest.fixture
@@ -229,6 +253,7 @@ def test_second_export_of_same_content_reuses_the_record(
     assert second.record_id == first.record_id
     assert len(cdcs_server.client.records_titled(path.name.removesuffix(".xml"))) == 1
     assert cdcs_proxy.count("POST", CREATE) == 1
+    assert cdcs_proxy.count("PATCH", UPDATE) == 0
 
 
 @cdcs
@@ -240,7 +265,7 @@ def test_record_left_private_by_an_interrupted_attempt_is_found_and_published(
     path = record()
     session = path.name.removesuffix(".xml")
     # The earlier attempt died after CDCS created the record, before the assign.
-    orphan = CDCSClient(cdcs_server.url, cdcs_server.user_token).call(
+    orphan = alice(cdcs_server).call(
         "POST",
         "rest/data/",
         json={"template": cdcs_server.template_id, "title": session,
@@ -257,21 +282,238 @@ def test_record_left_private_by_an_interrupted_attempt_is_found_and_published(
     )
 
 
+# -- one session, one record -----------------------------------------------------------
+
+
 @cdcs
-def test_changed_content_under_the_same_title_is_a_new_record(
+@pytest.mark.parametrize("corpus_name", RECORDS)
+def test_new_content_for_a_session_updates_its_one_record_in_place(
+    destination: Callable[..., CDCSDestination],
+    place: Place,
+    cdcs_server: CDCSServer,
+    cdcs_proxy: SubPathProxy,
+    make_app: MakeApp,
+    drop: Path,
+    corpus_name: str,
+) -> None:
+    session = unique_session()
+    app = make_app(destination(cdcs_url=cdcs_proxy.url))
+    first = app.pipeline.process(place(corpus_name, name=f"{session}.xml"))
+    # The record builder rebuilds the session's record and drops it again.
+    v2 = rebuilt((drop / "uploaded" / f"{session}.xml").read_bytes(), "v2")
+    (drop / f"{session}.xml").write_bytes(v2)
+
+    second = app.pipeline.process(drop / f"{session}.xml")
+
+    assert first.ok and second.ok
+    (one,), (two,) = first.results, second.results
+    assert (two.record_id, two.record_url) == (one.record_id, one.record_url)
+    stored = cdcs_server.client.record(str(two.record_id))
+    assert stored["xml_content"].encode("utf-8") == v2  # byte for byte, CRLF included
+    assert stored["title"] == session
+    assert stored["workspace"] == cdcs_server.client.public_workspace()
+    assert len(cdcs_server.client.records_titled(session)) == 1
+    assert cdcs_states(app, session) == ["succeeded", "updated"]
+    assert cdcs_proxy.count("POST", CREATE) == 1
+    assert cdcs_proxy.count("PATCH", rf"^/rest/data/{one.record_id}/$") == 1
+    # CDCS keeps the workspace through the PATCH: it was published once, not twice.
+    assert cdcs_proxy.count("PATCH", ASSIGN) == 1
+
+
+@cdcs
+def test_fresh_database_updates_the_record_cdcs_holds_instead_of_a_second(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    make_app: MakeApp,
+    drop: Path,
+    tmp_path: Path,
+) -> None:
+    path = record()
+    session = path.name.removesuffix(".xml")
+    v1 = path.read_bytes()
+    first = make_app(destination()).pipeline.process(path)
+    # The database is lost (or another daemon with its own log): CDCS holds version 1.
+    fresh = make_app(destination(), data_path=tmp_path / "fresh-state")
+    path.write_bytes(rebuilt(v1, "v2"))
+
+    second = fresh.pipeline.process(path)
+
+    assert first.ok and second.ok
+    assert second.results[0].record_id == first.results[0].record_id
+    assert len(cdcs_server.client.records_titled(session)) == 1
+    stored = cdcs_server.client.record(str(second.results[0].record_id))
+    assert stored["xml_content"].encode() == rebuilt(v1, "v2")
+    assert stored["workspace"] == cdcs_server.client.public_workspace()
+    assert cdcs_states(fresh, session) == ["succeeded"]
+
+
+@cdcs
+def test_export_updates_the_most_recent_of_several_records_of_the_session(
     destination: Callable[..., CDCSDestination],
     record: Callable[..., Path],
     cdcs_server: CDCSServer,
 ) -> None:
+    # Older nxdrop versions made a record per version; the newest is the one people use.
+    path = record()
+    session = path.name.removesuffix(".xml")
+    content = path.read_bytes()
+    made = [
+        alice(cdcs_server).call(
+            "POST",
+            "rest/data/",
+            json={
+                "template": cdcs_server.template_id,
+                "title": session,
+                "xml_content": rebuilt(content, version).decode(),
+            },
+        )
+        for version in ("v1", "v2")
+    ]
+    path.write_bytes(rebuilt(content, "v3"))
+
+    result = destination().export(context_for(path))
+
+    assert result.record_id == str(made[1]["id"])
+    assert cdcs_server.client.record(made[1]["id"])["xml_content"].encode() == (
+        rebuilt(content, "v3")
+    )
+    older = cdcs_server.client.record(made[0]["id"])
+    assert older["xml_content"].encode() == rebuilt(content, "v1")
+    assert older["workspace"] is None
+    assert len(cdcs_server.client.records_titled(session)) == 2  # none added
+
+
+@cdcs
+@pytest.mark.parametrize("call", ["update", "reconcile"])
+def test_record_edited_on_the_server_gets_this_content_back(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    call: str,
+) -> None:
     path = record()
     dest = destination()
-    first = dest.export(context_for(path))
-    path.write_bytes(path.read_bytes().replace(b"</Experiment>", b"<!-- v2 --></Experiment>"))
+    earlier = dest.export(context_for(path))
+    alice(cdcs_server).call(
+        "PATCH",
+        f"rest/data/{earlier.record_id}/",
+        json={"xml_content": rebuilt(path.read_bytes(), "edited").decode()},
+    )
 
-    second = dest.export(context_for(path))
+    result = getattr(dest, call)(context_for(path), earlier)
 
-    assert second.record_id != first.record_id
-    assert len(cdcs_server.client.records_titled(path.name.removesuffix(".xml"))) == 2
+    assert (result.record_id, result.record_url) == (earlier.record_id, earlier.record_url)
+    stored = cdcs_server.client.record(str(earlier.record_id))
+    assert stored["xml_content"].encode() == path.read_bytes()
+    assert stored["workspace"] == cdcs_server.client.public_workspace()
+
+
+# -- a stored id that is not (or no longer) ours ---------------------------------------
+
+STRANGERS = {
+    # The token user's own record of another session: what the same id names after the
+    # server was reinstalled. The old reconcile published it.
+    "own record, another session": ("user", "another title", False),
+    # Another user's private record of this session: the token user cannot even read it.
+    "another user's private record": ("admin", "this session", False),
+    # Another user's published record of this session: readable, rightly titled, not ours.
+    "another user's published record": ("admin", "this session", True),
+}
+
+
+@cdcs
+@pytest.mark.parametrize("call", ["update", "reconcile"])
+@pytest.mark.parametrize("stranger", list(STRANGERS))
+def test_a_stored_id_naming_a_record_not_ours_leaves_it_untouched(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    call: str,
+    stranger: str,
+) -> None:
+    path = record()
+    session = path.name.removesuffix(".xml")
+    owner, titled, published = STRANGERS[stranger]
+    client = alice(cdcs_server) if owner == "user" else cdcs_server.client
+    theirs = rebuilt(path.read_bytes(), "someone else's").decode()
+    title = session if titled == "this session" else unique_session()
+    made = client.call(
+        "POST",
+        "rest/data/",
+        json={"template": cdcs_server.template_id, "title": title, "xml_content": theirs},
+    )
+    public = cdcs_server.client.public_workspace()
+    if published:
+        client.call("PATCH", f"rest/data/{made['id']}/assign/{public}")
+    # What upload_log says this session's record is: that id, on this very server.
+    stale = ExportResult(
+        True,
+        "cdcs",
+        record_id=str(made["id"]),
+        record_url=f"{cdcs_server.url}data?id={made['id']}",
+        metadata={"template": cdcs_server.template_id, "workspace": str(public), "title": session},
+    )
+
+    result = getattr(destination(), call)(context_for(path), stale)
+
+    left = cdcs_server.client.record(made["id"])
+    assert left["xml_content"] == theirs
+    assert left["title"] == title
+    assert left["workspace"] == (public if published else None)
+    assert result.record_id != str(made["id"])
+    ours = cdcs_server.client.record(str(result.record_id))
+    assert ours["title"] == session
+    assert ours["xml_content"].encode() == path.read_bytes()
+    assert ours["workspace"] == public
+    assert own_count(cdcs_server, session) == 1
+
+
+@cdcs
+@pytest.mark.parametrize("call", ["update", "reconcile"])
+def test_a_stored_id_that_was_deleted_gives_a_new_record(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    call: str,
+) -> None:
+    path = record()
+    dest = destination()
+    earlier = dest.export(context_for(path))
+    cdcs_server.client.call("DELETE", f"rest/data/{earlier.record_id}/")
+    if call == "update":
+        path.write_bytes(rebuilt(path.read_bytes(), "v2"))
+
+    anew = getattr(dest, call)(context_for(path), earlier)
+
+    assert anew.record_id != earlier.record_id
+    stored = cdcs_server.client.record(str(anew.record_id))
+    assert stored["xml_content"].encode() == path.read_bytes()
+    assert stored["workspace"] == cdcs_server.client.public_workspace()
+    assert own_count(cdcs_server, path.name.removesuffix(".xml")) == 1
+
+
+@cdcs
+def test_deleted_record_through_the_pipeline_is_logged_as_a_new_record(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    make_app: MakeApp,
+    drop: Path,
+) -> None:
+    path = record()
+    session = path.name.removesuffix(".xml")
+    app = make_app(destination())
+    first = app.pipeline.process(path)
+    cdcs_server.client.call("DELETE", f"rest/data/{first.results[0].record_id}/")
+    path.write_bytes(rebuilt((drop / "uploaded" / path.name).read_bytes(), "v2"))
+
+    second = app.pipeline.process(path)
+
+    assert second.ok
+    assert second.results[0].record_id != first.results[0].record_id
+    assert cdcs_states(app, session) == ["succeeded", "succeeded"]
+    assert len(cdcs_server.client.records_titled(session)) == 1
 
 
 # -- failures --------------------------------------------------------------------------
@@ -282,18 +524,14 @@ def test_schema_invalid_record_is_permanent_and_sent_once(
     destination: Callable[..., CDCSDestination],
     record: Callable[..., Path],
     cdcs_proxy: SubPathProxy,
-    make_settings: MakeSettings,
+    make_app: MakeApp,
     drop: Path,
 ) -> None:
     path = record("example_record_curation.xml")
     path.write_bytes(path.read_bytes().replace(b"<project>", b"<bogus/><project>", 1))
-    settings = make_settings(retry_max_time=30)  # a transient error would be retried
-    dest = destination(cdcs_url=cdcs_proxy.url)
-    store = Store(settings.database_url)
-    try:
-        report = Pipeline(settings, [dest], store).export_file(path)
-    finally:
-        store.close()
+    app = make_app(destination(cdcs_url=cdcs_proxy.url), retry_max_time=30)  # would retry
+
+    report = app.pipeline.process(path)
 
     assert report.outcome is Outcome.FAILED
     (result,) = report.results
@@ -303,6 +541,53 @@ def test_schema_invalid_record_is_permanent_and_sent_once(
     assert "not expected" in (result.error_message or "")
     assert cdcs_proxy.count("POST", CREATE) == 1
     assert (drop / "failed" / path.name).is_file()
+
+
+@cdcs
+def test_schema_invalid_update_is_permanent_and_leaves_the_record_as_it_was(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+    cdcs_proxy: SubPathProxy,
+    make_app: MakeApp,
+    drop: Path,
+) -> None:
+    path = record("example_record_curation.xml")
+    session = path.name.removesuffix(".xml")
+    v1 = path.read_bytes()
+    app = make_app(destination(cdcs_url=cdcs_proxy.url), retry_max_time=30)  # would retry
+    first = app.pipeline.process(path)
+    path.write_bytes(v1.replace(b"<project>", b"<bogus/><project>", 1))
+
+    second = app.pipeline.process(path)
+
+    assert first.ok
+    assert second.outcome is Outcome.FAILED
+    (result,) = second.results
+    assert result.attempts == 1
+    message = result.error_message or ""
+    assert "rejected the update" in message
+    assert "bogus" in message
+    assert "not expected" in message
+    record_id = first.results[0].record_id
+    assert cdcs_proxy.count("PATCH", rf"^/rest/data/{record_id}/$") == 1
+    stored = cdcs_server.client.record(str(record_id))
+    assert stored["xml_content"].encode() == v1
+    assert stored["workspace"] == cdcs_server.client.public_workspace()
+    assert cdcs_states(app, session) == ["succeeded", "failed"]
+    assert (drop / "failed" / path.name).is_file()
+
+
+@cdcs
+def test_schema_invalid_update_raises_permanent_error(
+    destination: Callable[..., CDCSDestination], record: Callable[..., Path]
+) -> None:
+    path = record("example_record_curation.xml")
+    dest = destination()
+    earlier = dest.export(context_for(path))
+    path.write_bytes(path.read_bytes().replace(b"<project>", b"<bogus/><project>", 1))
+    with pytest.raises(PermanentError, match=f"rejected the update of record {earlier.record_id}"):
+        dest.update(context_for(path), earlier)
 
 
 @cdcs
@@ -427,24 +712,20 @@ def test_invalid_url_is_a_config_error(make_settings: MakeSettings, url: str) ->
 
 
 @cdcs
-def test_reconcile_reuses_the_record_or_exports_anew_if_deleted(
+def test_reconcile_reuses_the_record_and_publishes_it_if_need_be(
     destination: Callable[..., CDCSDestination],
     record: Callable[..., Path],
     cdcs_server: CDCSServer,
 ) -> None:
     path = record()
-    dest = destination()
-    earlier = dest.export(context_for(path))
+    earlier = destination(cdcs_assign_to_public_workspace=False).export(context_for(path))
+    assert cdcs_server.client.record(str(earlier.record_id))["workspace"] is None
 
-    again = dest.reconcile(context_for(path), earlier)
-    assert again.record_id == earlier.record_id
-    assert again.record_url == earlier.record_url
+    again = destination().reconcile(context_for(path), earlier)
 
-    cdcs_server.client.call("DELETE", f"rest/data/{earlier.record_id}/")
-    anew = dest.reconcile(context_for(path), earlier)
-    assert anew.record_id != earlier.record_id
-    assert cdcs_server.client.record(str(anew.record_id))["xml_content"].encode() == (
-        path.read_bytes()
+    assert (again.record_id, again.record_url) == (earlier.record_id, earlier.record_url)
+    assert cdcs_server.client.record(str(earlier.record_id))["workspace"] == (
+        cdcs_server.client.public_workspace()
     )
 
 
@@ -453,25 +734,25 @@ def test_redrop_through_the_pipeline_does_not_publish_twice(
     destination: Callable[..., CDCSDestination],
     record: Callable[..., Path],
     cdcs_server: CDCSServer,
-    make_settings: MakeSettings,
+    cdcs_proxy: SubPathProxy,
+    make_app: MakeApp,
     drop: Path,
 ) -> None:
     path = record()
     session = path.name.removesuffix(".xml")
-    settings = make_settings()
-    store = Store(settings.database_url)
-    try:
-        pipeline = Pipeline(settings, [destination()], store)
-        first = pipeline.export_file(path)
-        (drop / "uploaded" / path.name).rename(path)  # the operator drops it again
-        second = pipeline.export_file(path)
-    finally:
-        store.close()
+    app = make_app(destination(cdcs_url=cdcs_proxy.url))
+    first = app.pipeline.process(path)
+    (drop / "uploaded" / path.name).rename(path)  # the operator drops it again
+
+    second = app.pipeline.process(path)
 
     assert first.outcome is second.outcome is Outcome.EXPORTED
     assert second.results[0].record_id == first.results[0].record_id
-    assert second.results[0].metadata.get("reused_from") is not None  # reconcile, not export
+    assert cdcs_states(app, session) == ["succeeded", "reused"]
     assert len(cdcs_server.client.records_titled(session)) == 1
+    assert cdcs_proxy.count("POST", CREATE) == 1
+    assert cdcs_proxy.count("PATCH", UPDATE) == 0
+    assert cdcs_proxy.count("PATCH", ASSIGN) == 1
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import shutil
 import socket
@@ -13,17 +15,18 @@ from typing import Any
 import pytest
 import requests
 
+from nxdrop.app import App
 from nxdrop.destinations.base import ExportContext, ExportResult
 from nxdrop.destinations.elabftw import ELabFTWDestination
 from nxdrop.exceptions import ConfigError, PermanentError, TransientError
-from nxdrop.pipeline import Outcome, Pipeline
+from nxdrop.pipeline import Outcome
 from nxdrop.records import RecordReader
 from nxdrop.settings import Settings, Strategy
-from nxdrop.store import Store
 from tests.fixtures.elabftw_fake import FakeELabFTW, Prism
 
 SESSION = "2018-11-13_FEI-Titan-TEM_204"
 CDCS_URL = "https://cdcs.example.org/data?id=65a1&x=1"
+TITLE = b"Test record with a multi-dataset file"
 
 
 @pytest.fixture
@@ -47,6 +50,62 @@ def context_for(path: Path, cdcs_url: str | None = None) -> ExportContext:
     if cdcs_url is not None:
         context.previous_results["cdcs"] = ExportResult(True, "cdcs", "65a1", cdcs_url)
     return context
+
+
+def sha256(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def rebuild(path: Path, title: bytes = b"Rebuilt record") -> bytes:
+    """Write a new version of the corpus record to ``path`` (another title); its bytes."""
+    content = path.read_bytes()
+    assert TITLE in content
+    content = content.replace(TITLE, title)
+    path.write_bytes(content)
+    return content
+
+
+def fields(experiment: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's extra fields, name → value, as eLabFTW shows them."""
+    extra = json.loads(experiment["metadata"] or "{}").get("extra_fields", {})
+    return {name: field["value"] for name, field in extra.items()}
+
+
+def live_uploads(experiment: dict[str, Any]) -> list[bytes]:
+    """The files attached to an experiment (deleted ones are not), oldest first."""
+    return [u["content"] for u in experiment["uploads"] if u.get("state", 1) == 1]
+
+
+def elabftw_log(app: App, session: str = SESSION) -> list[tuple[str, str | None]]:
+    """``upload_log`` for eLabFTW, oldest first: (state, record_id)."""
+    return [
+        (row.state, row.record_id)
+        for row in app.store.uploads(session)
+        if row.destination_name == "elabftw"
+    ]
+
+
+def fake_api(fake: FakeELabFTW, method: str, path: str, **kwargs: Any) -> requests.Response:
+    """A request to the fake as a person (or another program) with the key would send it."""
+    headers = {"Authorization": fake.api_key}
+    return requests.request(
+        method, f"{fake.url}api/v2/{path}", headers=headers, timeout=10, **kwargs
+    )
+
+
+def stranger(exp_id: int, session: str, **extra: Any) -> dict[str, Any]:
+    """An experiment nxdrop did not make for SESSION: another session's, made by hand."""
+    metadata = {"extra_fields": {"Session": {"type": "text", "value": session}}}
+    return {
+        "id": exp_id,
+        "title": f"Notes on {session}",
+        "body": f"<p>{session}</p>",
+        "metadata": json.dumps(metadata),
+        "tags": [],
+        "uploads": [],
+        "state": 1,
+        **extra,
+    }
 
 
 class Tags(HTMLParser):
@@ -291,14 +350,14 @@ def test_upload_failure_then_retry_keeps_one_experiment(
 def test_pipeline_retries_transient_failures(
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
-    make_settings: Callable[..., Settings],
+    make_app: Callable[..., App],
     place: Callable[..., Path],
 ) -> None:
-    settings = make_settings(retry_max_time=30)
+    app = make_app(destination(), retry_max_time=30)
     path = place(name=f"{SESSION}.xml")
     elabftw_fake.fail_next("POST", "experiments", 504, after=True)
     elabftw_fake.fail_next("POST", "experiments/1/uploads", 503, times=2)
-    report = Pipeline(settings, [destination()], Store(settings.database_url)).export_file(path)
+    report = app.pipeline.process(path)
     assert report.outcome is Outcome.EXPORTED, report.error
     [result] = report.results
     assert (result.success, result.record_id, result.attempts) == (True, "1", 4)
@@ -323,6 +382,34 @@ def test_an_experiment_found_by_search_must_carry_the_hash(
         "state": 1,
     }
     assert destination().export(context).record_id == "2"
+    assert elabftw_fake.experiments[1]["body"] == f"<p>compare with {sha}</p>"
+
+
+def test_search_hits_of_other_sessions_are_left_alone(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    """Only an experiment whose Session field is this session exactly is taken as ours."""
+    lookalikes = [
+        f"{SESSION}5",  # holds the identifier
+        SESSION.replace("_", "-"),  # "_" is a wildcard in eLabFTW's search (SQL LIKE)
+        SESSION.upper(),  # the search ignores case
+    ]
+    for n, session in enumerate(lookalikes, start=1):
+        elabftw_fake.experiments[n] = stranger(n, session)
+    elabftw_fake.experiments[4] = stranger(4, SESSION, metadata=None)  # no Session field
+    before = copy.deepcopy(elabftw_fake.experiments)
+    # The search for the session finds all four: they are really put to the test.
+    found = fake_api(elabftw_fake, "GET", "experiments", params={"q": f'"{SESSION}"'}).json()
+    assert sorted(hit["id"] for hit in found) == [1, 2, 3, 4]
+
+    result = destination().export(context_for(place(name=f"{SESSION}.xml")))
+
+    assert result.record_id == "5"
+    assert {k: v for k, v in elabftw_fake.experiments.items() if k != 5} == before
+    assert fields(elabftw_fake.experiments[5])["Session"] == SESSION
+    assert not elabftw_fake.calls("PATCH", ".*")
 
 
 # -- category, status, team ------------------------------------------------------------
@@ -385,7 +472,7 @@ def test_validate_config(
     assert "cannot connect" in reason
 
 
-# -- reconcile ---------------------------------------------------------------------------
+# -- reconcile: the same record again ----------------------------------------------------
 
 
 def test_reconcile_adds_the_cdcs_link_to_the_experiment(
@@ -399,16 +486,21 @@ def test_reconcile_adds_the_cdcs_link_to_the_experiment(
     assert earlier.metadata["cdcs_url"] is None
     assert Tags(elabftw_fake.experiments[1]["body"]).hrefs == []
 
-    assert dest.reconcile(context_for(path), earlier) is earlier  # still no CDCS: nothing to do
+    same = dest.reconcile(context_for(path), earlier)  # still no CDCS: nothing to change
+    assert (same.record_id, same.record_url, same.metadata) == (
+        earlier.record_id,
+        earlier.record_url,
+        earlier.metadata,
+    )
+    assert not elabftw_fake.calls("PATCH", ".*")
     updated = dest.reconcile(context_for(path, CDCS_URL), earlier)
 
     assert list(elabftw_fake.experiments) == [1]
     exp = elabftw_fake.experiments[1]
     assert Tags(exp["body"]).hrefs == [CDCS_URL]
     assert SESSION in exp["body"]  # the table is still there
-    fields = json.loads(exp["metadata"])["extra_fields"]
-    assert fields["CDCS record"]["value"] == CDCS_URL
-    assert fields["Session"]["value"] == SESSION  # the other fields are kept
+    assert fields(exp)["CDCS record"] == CDCS_URL
+    assert fields(exp)["Session"] == SESSION  # the other fields are kept
     assert (updated.success, updated.record_id, updated.record_url) == (
         True,
         "1",
@@ -416,9 +508,13 @@ def test_reconcile_adds_the_cdcs_link_to_the_experiment(
     )
     assert updated.metadata == {"upload_id": 1, "cdcs_url": CDCS_URL}
 
+    # Linked already: a look, and nothing else.
     before = len(elabftw_fake.requests)
-    assert dest.reconcile(context_for(path, CDCS_URL), updated) is updated  # already linked
-    assert len(elabftw_fake.requests) == before
+    again = dest.reconcile(context_for(path, CDCS_URL), updated)
+    assert [(r.method, r.path) for r in elabftw_fake.requests[before:]] == [
+        ("GET", "experiments/1")
+    ]
+    assert (again.record_id, again.metadata) == ("1", updated.metadata)
 
 
 class FlakyCDCS:
@@ -426,8 +522,8 @@ class FlakyCDCS:
 
     name, priority, enabled = "cdcs", 100, True
 
-    def __init__(self) -> None:
-        self.up = False
+    def __init__(self, *, up: bool = False) -> None:
+        self.up = up
 
     def validate_config(self) -> tuple[bool, str | None]:
         return True, None
@@ -441,26 +537,263 @@ class FlakyCDCS:
 def test_redrop_after_cdcs_failure_links_the_existing_experiment(
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
-    make_settings: Callable[..., Settings],
+    make_app: Callable[..., App],
     place: Callable[..., Path],
     drop: Path,
 ) -> None:
-    settings = make_settings(export_strategy=Strategy.ALL)
     cdcs = FlakyCDCS()
-    pipeline = Pipeline(settings, [cdcs, destination()], Store(settings.database_url))
+    app = make_app(cdcs, destination(), export_strategy=Strategy.ALL)
     path = place(name=f"{SESSION}.xml")
-    assert pipeline.export_file(path).outcome is Outcome.FAILED  # CDCS down, eLabFTW made it
+    assert app.pipeline.process(path).outcome is Outcome.FAILED  # CDCS down, eLabFTW made it
 
     cdcs.up = True
     [failed] = (drop / "failed").glob("*.xml")
     shutil.move(failed, path)  # the operator's retry
-    report = pipeline.export_file(path)
+    report = app.pipeline.process(path)
 
     assert report.outcome is Outcome.EXPORTED, report.error
     assert list(elabftw_fake.experiments) == [1]
     assert Tags(elabftw_fake.experiments[1]["body"]).hrefs == [CDCS_URL]
     assert report.results[1].metadata["cdcs_url"] == CDCS_URL
     assert len(elabftw_fake.calls("PATCH", "experiments/1")) == 1
+    assert elabftw_log(app) == [("succeeded", "1"), ("reused", "1")]
+
+
+def test_lost_reply_to_the_link_patch_links_once(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+    drop: Path,
+) -> None:
+    """eLabFTW adds the link but its answer is lost: the retry finds the link there."""
+    cdcs = FlakyCDCS()
+    app = make_app(cdcs, destination(), export_strategy=Strategy.ALL, retry_max_time=30)
+    path = place(name=f"{SESSION}.xml")
+    assert app.pipeline.process(path).outcome is Outcome.FAILED  # CDCS down, eLabFTW made it
+    cdcs.up = True
+    elabftw_fake.fail_next("PATCH", "experiments/", 503, after=True)
+    [failed] = (drop / "failed").glob("*.xml")
+    shutil.move(failed, path)
+
+    report = app.pipeline.process(path)
+
+    assert report.outcome is Outcome.EXPORTED, report.error
+    assert list(elabftw_fake.experiments) == [1]
+    exp = elabftw_fake.experiments[1]
+    assert Tags(exp["body"]).hrefs == [CDCS_URL]  # one CDCS line, not two
+    assert exp["body"].count("CDCS record") == 1
+    assert fields(exp)["CDCS record"] == CDCS_URL
+    assert [r.status for r in elabftw_fake.calls("PATCH", "experiments/1")] == [503]
+    elab = report.results[1]
+    assert (elab.success, elab.record_id, elab.attempts) == (True, "1", 2)
+    assert elab.metadata["cdcs_url"] == CDCS_URL
+    assert elabftw_log(app) == [("succeeded", "1"), ("reused", "1")]
+
+
+def test_reconcile_attaches_the_record_again_if_it_was_removed(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination()
+    path = place(name=f"{SESSION}.xml")
+    earlier = dest.export(context_for(path))
+    assert fake_api(elabftw_fake, "DELETE", "experiments/1/uploads/1").status_code == 204
+
+    result = dest.reconcile(context_for(path), earlier)
+
+    assert live_uploads(elabftw_fake.experiments[1]) == [path.read_bytes()]
+    assert (result.record_id, result.metadata["upload_id"]) == ("1", 2)
+    assert list(elabftw_fake.experiments) == [1]
+
+
+# -- update: new content for the session ---------------------------------------------------
+
+
+def test_new_content_for_a_session_updates_its_experiment(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+) -> None:
+    app = make_app(FlakyCDCS(up=True), destination())
+    path = place(name=f"{SESSION}.xml")
+    first_bytes = path.read_bytes()
+    first = app.pipeline.process(path)
+    assert first.ok, first.error
+    # Someone adds a field of their own to the experiment meanwhile.
+    exp = elabftw_fake.experiments[1]
+    metadata = json.loads(exp["metadata"])
+    metadata["extra_fields"]["Sample"] = {"type": "text", "value": "S-17"}
+    exp["metadata"] = json.dumps(metadata)
+
+    path.write_bytes(first_bytes)
+    second_bytes = rebuild(path)  # NexusLIMS rebuilt the record
+    second = app.pipeline.process(path)
+
+    assert second.ok, second.error
+    assert list(elabftw_fake.experiments) == [1]  # one experiment for the session
+    assert len(elabftw_fake.calls("POST", "experiments")) == 1
+    exp = elabftw_fake.experiments[1]
+    assert exp["title"] == f"Rebuilt record ({SESSION})"
+    assert fields(exp)["SHA-256"] == sha256(second_bytes)
+    assert sha256(second_bytes) in exp["body"]
+    assert sha256(first_bytes) not in exp["body"]
+    assert fields(exp)["CDCS record"] == CDCS_URL
+    assert Tags(exp["body"]).hrefs == [CDCS_URL]
+    assert fields(exp)["Sample"] == "S-17"  # theirs, kept
+    assert live_uploads(exp) == [first_bytes, second_bytes]  # the earlier one stays
+    old, new = first.results[1], second.results[1]
+    assert (new.record_id, new.record_url) == (old.record_id, old.record_url)
+    assert new.metadata == {"upload_id": 2, "cdcs_url": CDCS_URL}
+    assert elabftw_log(app) == [("succeeded", "1"), ("updated", "1")]
+
+
+@pytest.mark.parametrize(
+    ("cdcs_then", "cdcs_now"), [(CDCS_URL, None), (None, CDCS_URL)], ids=["kept", "added"]
+)
+def test_update_keeps_or_adds_the_cdcs_link(
+    cdcs_then: str | None,
+    cdcs_now: str | None,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination()
+    path = place(name=f"{SESSION}.xml")
+    earlier = dest.export(context_for(path, cdcs_then))
+    rebuild(path)
+
+    result = dest.update(context_for(path, cdcs_now), earlier)
+
+    exp = elabftw_fake.experiments[1]
+    assert fields(exp)["CDCS record"] == CDCS_URL
+    assert Tags(exp["body"]).hrefs == [CDCS_URL]
+    assert (result.record_id, result.metadata["cdcs_url"]) == ("1", CDCS_URL)
+
+
+def test_a_fresh_database_finds_the_sessions_experiment(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+) -> None:
+    """An nxdrop whose database is new (or lost) finds the session's older experiment."""
+    dest = destination()
+    path = place(name=f"{SESSION}.xml")
+    first_bytes = path.read_bytes()
+    dest.export(context_for(path))  # made by an nxdrop whose database is gone
+    second_bytes = rebuild(path)
+
+    app = make_app(dest)
+    report = app.pipeline.process(path)
+
+    assert report.ok, report.error
+    assert list(elabftw_fake.experiments) == [1]
+    assert len(elabftw_fake.calls("POST", "experiments")) == 1
+    exp = elabftw_fake.experiments[1]
+    assert fields(exp)["SHA-256"] == sha256(second_bytes)
+    assert live_uploads(exp) == [first_bytes, second_bytes]
+    assert report.results[0].record_id == "1"
+    assert elabftw_log(app) == [("succeeded", "1")]
+
+
+@pytest.mark.parametrize("new_bytes", [False, True], ids=["same-bytes", "new-bytes"])
+@pytest.mark.parametrize("fate", ["another-session", "deleted", "gone"])
+def test_a_stored_id_that_is_not_ours_any_more_is_left_alone(
+    fate: str,
+    new_bytes: bool,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+) -> None:
+    """The log names experiment 1, but it is someone else's now, deleted, or gone."""
+    app = make_app(destination())
+    path = place(name=f"{SESSION}.xml")
+    content = path.read_bytes()
+    assert app.pipeline.process(path).ok
+    if fate == "another-session":  # say, eLabFTW restored from a backup: ids used anew
+        elabftw_fake.experiments[1] = stranger(1, "2019-01-01_Other_1")
+    elif fate == "deleted":  # deleted in eLabFTW: kept, but no longer shown
+        assert fake_api(elabftw_fake, "DELETE", "experiments/1").status_code == 204
+        assert fake_api(elabftw_fake, "GET", "experiments/1").status_code == 403
+    else:
+        del elabftw_fake.experiments[1]
+    before = copy.deepcopy(elabftw_fake.experiments.get(1))
+    patched_before = len(elabftw_fake.calls("PATCH", ".*"))
+
+    path.write_bytes(content)
+    if new_bytes:
+        content = rebuild(path)
+    report = app.pipeline.process(path)
+
+    assert report.ok, report.error
+    assert elabftw_fake.experiments.get(1) == before  # untouched
+    assert len(elabftw_fake.calls("PATCH", ".*")) == patched_before
+    assert [k for k, e in elabftw_fake.experiments.items() if e.get("state") == 1 and k > 1] == [2]
+    ours = elabftw_fake.experiments[2]
+    assert (fields(ours)["Session"], fields(ours)["SHA-256"]) == (SESSION, sha256(content))
+    assert live_uploads(ours) == [content]
+    assert report.results[0].record_id == "2"
+    assert elabftw_log(app) == [("succeeded", "1"), ("succeeded", "2")]  # a new record
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "experiments/1/uploads"), ("PATCH", "experiments/1")],
+    ids=["upload", "patch"],
+)
+def test_update_after_a_lost_reply_does_nothing_twice(
+    method: str,
+    path: str,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+) -> None:
+    app = make_app(destination(), retry_max_time=30)
+    record = place(name=f"{SESSION}.xml")
+    first_bytes = record.read_bytes()
+    assert app.pipeline.process(record).ok
+    record.write_bytes(first_bytes)
+    second_bytes = rebuild(record)
+    elabftw_fake.fail_next(method, path, 503, after=True)  # done, but the answer is lost
+
+    report = app.pipeline.process(record)
+
+    assert report.ok, report.error
+    [result] = report.results
+    assert (result.record_id, result.attempts) == ("1", 2)
+    exp = elabftw_fake.experiments[1]
+    assert live_uploads(exp) == [first_bytes, second_bytes]  # one new upload, not two
+    assert len(elabftw_fake.calls("POST", "experiments/1/uploads")) == 2
+    assert len(elabftw_fake.calls("PATCH", "experiments/1")) == 1
+    assert fields(exp)["SHA-256"] == sha256(second_bytes)
+    assert elabftw_log(app) == [("succeeded", "1"), ("updated", "1")]
+
+
+def test_update_of_an_experiment_locked_by_someone_else_fails_clearly(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination()
+    path = place(name=f"{SESSION}.xml")
+    earlier = dest.export(context_for(path))
+    exp = elabftw_fake.experiments[1]
+    exp["locked"], exp["lockedby"] = 1, 99  # a colleague locked (or timestamped) it
+    before = copy.deepcopy(elabftw_fake.experiments)
+    rebuild(path)
+
+    with pytest.raises(PermanentError) as caught:
+        dest.update(context_for(path), earlier)
+
+    assert caught.value.status_code == 403
+    assert "experiment 1" in str(caught.value)
+    assert "locked" in str(caught.value)
+    assert elabftw_fake.experiments == before  # no second experiment either
 
 
 # -- the Prism mock of the spec ---------------------------------------------------------
@@ -515,23 +848,55 @@ def test_prism_accepts_what_export_sends(
     assert [(r.request.path_url, violations(r)) for r in seen if violations(r)] == []
 
 
+def pretend_ours(dest: ELabFTWDestination, sha: str) -> None:
+    """Prism is stateless: make its answer to ``GET experiments/42`` show SESSION's
+    experiment for ``sha`` (with no upload), so that the calls after it can be checked."""
+    metadata = {"extra_fields": {"Session": {"type": "text", "value": SESSION}}}
+    metadata["extra_fields"]["SHA-256"] = {"type": "text", "value": sha}
+    shown = {"id": 42, "title": SESSION, "body": "<p>x</p>", "metadata": json.dumps(metadata)}
+
+    def answer(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        request = response.request
+        if request.method == "GET" and request.path_url == "/api/v2/experiments/42":
+            response._content = json.dumps({**shown, "uploads": []}).encode()
+
+    assert dest._client is not None
+    dest._client.session.hooks["response"].append(answer)
+
+
 @pytest.mark.prism
-def test_prism_patch_differs_from_the_server_only_in_metadata_type(
+@pytest.mark.parametrize("call", ["update", "reconcile"])
+def test_prism_accepts_what_update_and_reconcile_send_but_the_metadata_type(
+    call: str,
     prism_destination: tuple[ELabFTWDestination, list[requests.Response]],
     place: Callable[..., Path],
 ) -> None:
-    """The real server wants PATCH metadata as a JSON string; the spec (Prism) an object."""
+    """Every request ``update`` and ``reconcile`` send fits the spec, but one difference:
+    the real server wants PATCH metadata as a JSON string; the spec (Prism) an object."""
     dest, seen = prism_destination
-    earlier = ExportResult(True, "elabftw", "42", metadata={"cdcs_url": None})
+    context = context_for(place(name=f"{SESSION}.xml"), CDCS_URL)
+    pretend_ours(dest, "0" * 64 if call == "update" else context.sha256)
+    earlier = ExportResult(True, "elabftw", "42", metadata={"upload_id": 7, "cdcs_url": None})
+
     with pytest.raises(PermanentError, match="422"):
-        dest.reconcile(context_for(place(name=f"{SESSION}.xml"), CDCS_URL), earlier)
-    get, patch = seen[-2:]
-    assert (get.request.method, violations(get)) == ("GET", [])
+        getattr(dest, call)(context, earlier)
+
+    assert [(r.request.method, r.request.path_url) for r in seen] == [
+        ("GET", "/api/v2/experiments/42"),
+        ("POST", "/api/v2/experiments/42/uploads"),  # the record, attached again
+        ("PATCH", "/api/v2/experiments/42"),  # new content, or the CDCS link
+    ]
+    get, upload, patch = seen
+    assert (get.status_code, violations(get)) == (200, [])
+    assert (upload.status_code, violations(upload)) == (201, [])
     found = violations(patch)
     ours = [v for v in found if v["code"] not in ("anyOf", "required")]  # the other anyOf arm
     assert [(v["location"], v["code"]) for v in ours] == [(["request", "body", "metadata"], "type")]
-    # The same PATCH with metadata as an object is what the spec wants: accepted.
     sent = json.loads(patch.request.body or b"{}")
+    assert set(sent) == (
+        {"title", "body", "metadata"} if call == "update" else {"body", "metadata"}
+    )
+    # The same PATCH with metadata as an object is what the spec wants: accepted.
     sent["metadata"] = json.loads(sent["metadata"])
     assert dest._client is not None
     again = dest._client.session.patch(str(patch.request.url), json=sent, timeout=10)

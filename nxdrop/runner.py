@@ -1,0 +1,182 @@
+"""One destination for one record: which call the log calls for, retries, and the upload log.
+
+What ``upload_log`` knows of this destination, this session and this endpoint decides the
+call: nothing yet → ``export``; the same bytes → ``reconcile`` (check, add a new link,
+reuse); other bytes → ``update`` (one session, one record). The attempt's row is written
+``in_flight`` before the destination is called, so a crash leaves a trace that the next
+start turns into ``interrupted`` and the next attempt is told of (``context.interrupted``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import backoff
+
+from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
+from nxdrop.exceptions import DestinationError, TransientError
+from nxdrop.records import Record
+from nxdrop.store import AttemptState, Standing, Store, UploadRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stop:
+    """How far a stop has gone: ``requested`` (finish what runs, wait for no retry) and
+    ``now`` (abandon after the current call)."""
+
+    requested: threading.Event = field(default_factory=threading.Event)
+    now: threading.Event = field(default_factory=threading.Event)
+
+    def request(self) -> None:
+        self.requested.set()
+
+    def force(self) -> None:
+        self.requested.set()
+        self.now.set()
+
+
+class Abandoned(Exception):
+    """nxdrop is stopping and this record is left for the next start."""
+
+
+class DestinationRunner:
+    """Runs one destination; one instance serves every worker thread."""
+
+    def __init__(
+        self,
+        destination: ExportDestination,
+        store: Store,
+        *,
+        worker: str,
+        retry_max_time: float,
+        stop: Stop,
+    ) -> None:
+        self.destination = destination
+        self.name = str(destination.name)
+        self.store = store
+        self.worker = worker
+        self.retry_max_time = retry_max_time
+        self.stop = stop
+
+    def run(self, context: ExportContext, record: Record, standing: Standing) -> ExportResult:
+        """Export, update or reconcile; log the attempt; never raises but :class:`Abandoned`."""
+        context = replace(context, interrupted=standing.interrupted)
+        earlier = standing.latest_success
+        call, state = self._call_for(context, record, earlier)
+        endpoint = self.destination.endpoint
+        attempt_id = self.store.begin_attempt(record, self.name, endpoint, self.worker)
+        started = time.monotonic()
+        try:
+            result = self._with_retries(context, call)
+        except Abandoned as exc:
+            failed = _failed(self.name, exc, context.attempt)
+            self.store.finish_attempt(
+                attempt_id, failed, AttemptState.FAILED, time.monotonic() - started
+            )
+            raise
+        if not result.success:
+            state = AttemptState.FAILED
+        elif earlier is not None and result.record_id != earlier.record_id:
+            state = AttemptState.SUCCEEDED  # the earlier record was gone: this one is new
+        self.store.finish_attempt(attempt_id, result, state, time.monotonic() - started)
+        self._log(record, result, state)
+        return result
+
+    def _call_for(
+        self, context: ExportContext, record: Record, earlier: UploadRow | None
+    ) -> tuple[Callable[[], ExportResult], AttemptState]:
+        """``export``, ``reconcile`` (same bytes) or ``update`` (new bytes, same session)."""
+        destination = self.destination
+        if earlier is None:
+            return (lambda: destination.export(context)), AttemptState.SUCCEEDED
+        previous = earlier.as_result()
+        if earlier.file_sha256 == record.sha256:
+            return (lambda: destination.reconcile(context, previous)), AttemptState.REUSED
+        return (lambda: destination.update(context, previous)), AttemptState.UPDATED
+
+    def _log(self, record: Record, result: ExportResult, state: AttemptState) -> None:
+        extra = {
+            "SESSION_ID": record.session_identifier,
+            "DESTINATION": self.name,
+            "RECORD_ID": result.record_id or "",
+            "FILE": record.name,
+        }
+        if result.success:
+            how = {AttemptState.REUSED: " (already there)", AttemptState.UPDATED: " (updated)"}
+            where = result.record_url or result.record_id
+            log.info(
+                "%s → %s: %s%s", record.name, self.name, where, how.get(state, ""), extra=extra
+            )
+        else:
+            log.warning(
+                "%s → %s failed: %s", record.name, self.name, result.error_message, extra=extra
+            )
+
+    def _with_retries(
+        self, context: ExportContext, call: Callable[[], ExportResult]
+    ) -> ExportResult:
+        name = self.name
+        started = time.monotonic()
+        delays: Iterator[float] = backoff.expo(base=2, factor=0.5, max_value=30)
+        next(delays)  # prime the generator (backoff's wait generators start with a yield)
+        attempt = 0
+        while True:
+            attempt += 1
+            context.attempt = attempt
+            try:
+                result = call()
+            except TransientError as exc:
+                delay = (
+                    exc.retry_after
+                    if exc.retry_after is not None
+                    else backoff.full_jitter(next(delays))
+                )
+                if delay > self.retry_max_time - (time.monotonic() - started):
+                    return _failed(name, exc, attempt, "gave up retrying: ")
+                if self.stop.requested.is_set():
+                    # A record waiting to retry is not in flight: leave it for the next start.
+                    raise Abandoned(f"nxdrop stopped while retrying: {exc}") from exc
+                log.info(
+                    "%s: %s; retry %d in %.1f s",
+                    name,
+                    exc,
+                    attempt,
+                    delay,
+                    extra={"SESSION_ID": context.session_identifier, "DESTINATION": name},
+                )
+                if self.stop.requested.wait(delay):
+                    raise Abandoned(f"nxdrop stopped while retrying: {exc}") from exc
+                continue
+            except DestinationError as exc:
+                return _failed(name, exc, attempt)
+            except Exception as exc:
+                log.exception(
+                    "destination %s raised",
+                    name,
+                    extra={"SESSION_ID": context.session_identifier, "DESTINATION": name},
+                )
+                return _failed(name, exc, attempt, f"unexpected {type(exc).__name__}: ")
+            if not isinstance(result, ExportResult):
+                return ExportResult(
+                    False,
+                    name,
+                    attempts=attempt,
+                    error_message=f"export() returned {type(result).__name__}, not an ExportResult",
+                )
+            return replace(result, destination_name=name, attempts=max(result.attempts, attempt))
+
+
+def _failed(name: str, exc: BaseException, attempts: int, prefix: str = "") -> ExportResult:
+    return ExportResult(
+        success=False,
+        destination_name=name,
+        error_message=f"{prefix}{exc}",
+        status_code=getattr(exc, "status_code", None),
+        attempts=attempts,
+    )
