@@ -51,7 +51,7 @@ class Intake:
         patience = settings.rescan_seconds if watch else settings.settle_seconds
         self.tracker = SettleTracker(settings.settle_seconds, patience=patience)
         self.cap = settings.queue_size if watch else None
-        self._ready: dict[Path, None] = {}  # an ordered set
+        self._ready: dict[str, None] = {}  # names in the drop folder: an ordered set
         self._shed = False
         self._settle_every = min(0.25, settings.settle_seconds / 4)
         now = time.monotonic()
@@ -91,7 +91,7 @@ class Intake:
         """An observer's event."""
         if sighting.kind is Kind.READY:
             self.tracker.forget(sighting.path)
-            self._add(sighting.path)
+            self._add(sighting.path.name)
         else:
             self.tracker.note(sighting.path, writing=sighting.kind is Kind.WRITING)
 
@@ -104,15 +104,16 @@ class Intake:
             log.error("cannot read the drop folder %s: %s", self.folder.path, exc)
             return 0
         now, new = time.time(), 0
-        for mtime, path in found:
-            if path in self._ready or path in self.tracker or self.known(path):
+        for mtime, name in found:
+            path = self.folder.path / name
+            if name in self._ready or path in self.tracker or self.known(path):
                 continue
             new += 1
             age = now - mtime
             if age < self.settle_seconds:
                 self.tracker.note(path, age=age)  # written just now: it settles first
             else:
-                self._add(path)
+                self._add(name)
         if new:
             what = "waiting in the drop folder" if initial else "found by the rescan, unannounced"
             log.info("%d file%s %s", new, "" if new == 1 else "s", what)
@@ -124,7 +125,7 @@ class Intake:
         if self.tracker and now >= self._next_settle:
             self._next_settle = now + self._settle_every
             for path in self.tracker.due():
-                self._add(path)
+                self._add(path.name)
         if self._shed and not self._ready:
             self._shed = False
             self._next_rescan = now  # the backlog is in: look for what did not fit
@@ -155,9 +156,9 @@ class Intake:
         """The oldest ready path, or ``None``."""
         if not self._ready:
             return None
-        path = next(iter(self._ready))
-        del self._ready[path]
-        return path
+        name = next(iter(self._ready))
+        del self._ready[name]
+        return self.folder.path / name
 
     def __len__(self) -> int:
         return len(self._ready)
@@ -177,13 +178,13 @@ class Intake:
         """Whether events are flowing (always, without a watcher)."""
         return self.watcher is None or self.watcher.healthy()
 
-    def _add(self, path: Path) -> None:
-        if path in self._ready:
+    def _add(self, name: str) -> None:
+        if name in self._ready:
             return
         if self.cap is not None and len(self._ready) >= self.cap:
             self._shed = True
             return
-        self._ready[path] = None
+        self._ready[name] = None
 
     def _supervise(self) -> None:
         assert self.watcher is not None

@@ -184,6 +184,8 @@ class Store:
         self.url = url
         self.db = _connect(url)
         self.UploadLog, self.SessionLog = _models(self.db)
+        self._timestamp = self.UploadLog.timestamp
+        self._returning = isinstance(self.db, peewee.PostgresqlDatabase)
         try:
             with self.db.atomic():
                 self.db.create_tables([self.UploadLog, self.SessionLog], safe=True)
@@ -201,42 +203,19 @@ class Store:
     def lock_session(self, session_identifier: str, worker: str, file_name: str) -> bool:
         """Take the session for ``worker`` unless another worker holds it; ``True`` if taken.
 
-        The lock is ``session_log.owner``: one conditional UPDATE, atomic in SQLite and
+        The lock is ``session_log.owner``: one conditional upsert, atomic in SQLite and
         PostgreSQL alike, so files of one session are exported one after the other however
         many daemons share the database. Taking it marks the session ``EXPORTING``.
         """
-        SessionLog, now = self.SessionLog, utcnow()
-        with self.db.atomic():
-            SessionLog.insert(
-                session_identifier=session_identifier,
-                record_status=RecordStatus.EXPORTING.value,
-                timestamp=now,
-                file_name=file_name,
-            ).on_conflict_ignore().execute()
-            taken = (
-                SessionLog.update(
-                    owner=worker,
-                    owner_since=now,
-                    record_status=RecordStatus.EXPORTING.value,
-                    timestamp=now,
-                    file_name=file_name,
-                    error_message=None,
-                )
-                .where(
-                    (SessionLog.session_identifier == session_identifier)
-                    & (SessionLog.owner.is_null() | (SessionLog.owner == worker))
-                )
-                .execute()
-            )
-        return bool(taken)
+        now = self._time(utcnow())
+        cursor = self._execute(
+            _LOCK, (session_identifier, RecordStatus.EXPORTING.value, now, file_name, worker, now)
+        )
+        return bool(cursor.rowcount)
 
     def unlock_session(self, session_identifier: str, worker: str) -> None:
         """Release the session if ``worker`` holds it."""
-        SessionLog = self.SessionLog
-        with self.db.atomic():
-            SessionLog.update(owner=None, owner_since=None).where(
-                (SessionLog.session_identifier == session_identifier) & (SessionLog.owner == worker)
-            ).execute()
+        self._execute(_UNLOCK, (session_identifier, worker))
 
     def set_session(
         self,
@@ -248,26 +227,13 @@ class Store:
         error_message: str | None = None,
     ) -> None:
         """Insert or update the one row of a session (its lock stays as it is)."""
-        row: dict[str, Any] = {
-            "session_identifier": session_identifier,
-            "record_status": status.value,
-            "timestamp": utcnow(),
-            "error_message": error_message,
-            "file_name": file_name,
-        }
-        if record is not None:
-            row |= {
-                "instrument": record.instrument_pid,
-                "user": record.user,
-                "file_name": record.name,
-                "file_sha256": record.sha256,
-            }
-        SessionLog = self.SessionLog
-        update = {getattr(SessionLog, k): v for k, v in row.items() if k != "session_identifier"}
-        with self.db.atomic():
-            SessionLog.insert(**row).on_conflict(
-                conflict_target=[SessionLog.session_identifier], update=update
-            ).execute()
+        now = self._time(utcnow())
+        if record is None:
+            params: tuple[Any, ...] = (session_identifier, status.value, now, file_name)
+            self._execute(_SET_STATUS, (*params, error_message))
+            return
+        params = (session_identifier, status.value, now, record.name, record.instrument_pid)
+        self._execute(_SET_RECORD, (*params, record.user, record.sha256, error_message))
 
     def session(self, session_identifier: str) -> SessionRow | None:
         """One session's row, or ``None``."""
@@ -290,59 +256,81 @@ class Store:
         self, record: Record, destination_name: str, endpoint: str, worker: str
     ) -> int:
         """Write the in-flight row before a destination is called; its id."""
-        with self.db.atomic():
-            row = self.UploadLog.create(
-                session_identifier=record.session_identifier,
-                destination_name=destination_name,
-                endpoint=endpoint,
-                success=False,
-                state=AttemptState.IN_FLIGHT.value,
-                file_name=record.name,
-                file_sha256=record.sha256,
-                worker=worker,
-            )
-        return int(row.id)
+        params = (
+            record.session_identifier,
+            destination_name,
+            endpoint,
+            False,
+            AttemptState.IN_FLIGHT.value,
+            self._time(utcnow()),
+            record.name,
+            record.sha256,
+            0,
+            worker,
+        )
+        if self._returning:
+            row = self._execute(_BEGIN + " RETURNING id", params).fetchone()
+            return int(row[0])
+        return int(self._execute(_BEGIN, params).lastrowid)
 
     def finish_attempt(
         self, attempt_id: int, result: ExportResult, state: AttemptState, duration: float
     ) -> None:
         """Record a destination's result on its in-flight row."""
-        UploadLog = self.UploadLog
-        with self.db.atomic():
-            UploadLog.update(
-                success=result.success,
-                state=state.value,
-                timestamp=utcnow(),
-                record_id=result.record_id,
-                record_url=result.record_url,
-                error_message=result.error_message,
-                metadata_json=json.dumps(result.metadata, default=str, sort_keys=True),
-                status_code=result.status_code,
-                attempts=result.attempts,
-                duration_seconds=round(duration, 6),
-            ).where(UploadLog.id == attempt_id).execute()
+        metadata = json.dumps(result.metadata, default=str, sort_keys=True)
+        self._execute(
+            _FINISH,
+            (
+                result.success,
+                state.value,
+                self._time(utcnow()),
+                result.record_id,
+                result.record_url,
+                result.error_message,
+                metadata,
+                result.status_code,
+                result.attempts,
+                round(duration, 6),
+                attempt_id,
+            ),
+        )
 
     def standings(self, session_identifier: str) -> dict[tuple[str, str], Standing]:
         """Per (destination, endpoint): the record it holds for this session, if any, and
         whether an attempt was interrupted since. One query for every destination."""
-        UploadLog = self.UploadLog
-        with self.db.atomic():
-            rows = list(
-                UploadLog.select()
-                .where(
-                    (UploadLog.session_identifier == session_identifier)
-                    & UploadLog.state.in_(_STANDING_STATES)
-                )
-                .order_by(UploadLog.id)
-            )
+        rows = self._execute(_STANDINGS, (session_identifier,)).fetchall()
         standings: dict[tuple[str, str], Standing] = {}
         for row in rows:
-            key = (row.destination_name, row.endpoint or "")
-            if row.state == AttemptState.INTERRUPTED:
+            key = (row[2], row[3] or "")
+            if row[5] == AttemptState.INTERRUPTED:
                 standings[key] = replace(standings.get(key, Standing()), interrupted=True)
-            else:
-                standings[key] = Standing(latest_success=_upload_row(row))
+                continue
+            held = UploadRow(
+                id=row[0],
+                session_identifier=row[1],
+                destination_name=row[2],
+                endpoint=row[3],
+                success=bool(row[4]),
+                state=row[5],
+                timestamp=self._timestamp.python_value(row[6]),
+                record_id=row[7],
+                record_url=row[8],
+                error_message=row[9],
+                attempts=row[10],
+                status_code=row[11],
+                duration_seconds=row[12],
+                file_sha256=row[13],
+                metadata=json.loads(row[14]) if row[14] else {},
+            )
+            standings[key] = Standing(latest_success=held)
         return standings
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> Any:
+        """One statement, its own transaction (the hot path: no query building)."""
+        return self.db.execute_sql(sql.replace("?", self.db.param), params)
+
+    def _time(self, value: datetime) -> Any:
+        return self._timestamp.db_value(value)
 
     def recover(self, workers: list[str]) -> int:
         """After the processes behind ``workers`` died: their in-flight attempts become
@@ -376,6 +364,52 @@ class Store:
         return [_upload_row(r) for r in rows]
 
 
+# The statements of every record, written out: building them with Peewee's query builder
+# cost more than running them. Written with ``?``; :meth:`Store._execute` swaps in the
+# driver's placeholder. Both SQLite (3.24+) and PostgreSQL take ON CONFLICT … WHERE.
+_LOCK = """
+INSERT INTO session_log (session_identifier, record_status, "timestamp", file_name, owner,
+  owner_since)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (session_identifier) DO UPDATE SET record_status = excluded.record_status,
+  "timestamp" = excluded."timestamp", file_name = excluded.file_name, error_message = NULL,
+  owner = excluded.owner, owner_since = excluded.owner_since
+WHERE session_log.owner IS NULL OR session_log.owner = excluded.owner"""
+_UNLOCK = """
+UPDATE session_log SET owner = NULL, owner_since = NULL
+WHERE session_identifier = ? AND owner = ?"""
+_SET_STATUS = """
+INSERT INTO session_log (session_identifier, record_status, "timestamp", file_name,
+  error_message)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (session_identifier) DO UPDATE SET record_status = excluded.record_status,
+  "timestamp" = excluded."timestamp", file_name = excluded.file_name,
+  error_message = excluded.error_message"""
+_SET_RECORD = """
+INSERT INTO session_log (session_identifier, record_status, "timestamp", file_name,
+  instrument, "user", file_sha256, error_message)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (session_identifier) DO UPDATE SET record_status = excluded.record_status,
+  "timestamp" = excluded."timestamp", file_name = excluded.file_name,
+  instrument = excluded.instrument, "user" = excluded."user",
+  file_sha256 = excluded.file_sha256, error_message = excluded.error_message"""
+_BEGIN = """
+INSERT INTO upload_log (session_identifier, destination_name, endpoint, success, state,
+  "timestamp", file_name, file_sha256, attempts, worker)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_FINISH = """
+UPDATE upload_log SET success = ?, state = ?, "timestamp" = ?, record_id = ?, record_url = ?,
+  error_message = ?, metadata_json = ?, status_code = ?, attempts = ?, duration_seconds = ?
+WHERE id = ?"""
+_STANDINGS = f"""
+SELECT id, session_identifier, destination_name, endpoint, success, state, "timestamp",
+  record_id, record_url, error_message, attempts, status_code, duration_seconds,
+  file_sha256, metadata_json
+FROM upload_log
+WHERE session_identifier = ? AND state IN ({", ".join(f"'{s}'" for s in _STANDING_STATES)})
+ORDER BY id"""
+
+
 def _add_missing_columns(db: peewee.Database, models: list[Any]) -> None:
     """Columns added since a table was created (all nullable or with defaults)."""
     migrator = SchemaMigrator.from_database(db)
@@ -395,6 +429,7 @@ def _connect(url: str) -> Any:
         pragmas = {
             "journal_mode": "wal",
             "busy_timeout": 30_000,
+            "cache_size": -1024,  # KiB per connection (one per worker): memory stays flat
             "synchronous": "normal",
             "foreign_keys": 1,
         }

@@ -37,6 +37,12 @@ from tests.fixtures.service import DEADLINE, Service, record, wait_until, xml_na
 from tests.test_watcher import Crasher
 
 OBSERVERS = ["inotify", "polling"]
+RECORD_SMALL = (
+    Path(__file__).resolve().parent.parent
+    / "examples"
+    / "records"
+    / ("2024-01-15_FEI-Titan-TEM_9001.xml")
+)
 
 
 # -- taking files ------------------------------------------------------------------------
@@ -252,7 +258,8 @@ def test_sd_notify_ready_status_watchdog_stopping_and_sighup(
 # -- run --once -----------------------------------------------------------------------------------
 
 
-def once(tmp_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
+def once(tmp_path: Path, stderr: Any = None, **extra: str) -> subprocess.Popen[bytes]:
+    """``nxdrop run --once`` on ``tmp_path/drop``, to the archive; ``extra`` environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NX_", "SLOWDEST_"))}
     env.update(
         NX_DATA_PATH=str(tmp_path / "state"),
@@ -260,7 +267,61 @@ def once(tmp_path: Path, **popen: Any) -> subprocess.Popen[bytes]:
         NX_ARCHIVE_PATH=str(tmp_path / "archive"),
         NX_SETTLE_SECONDS="0.2",
     )
-    return subprocess.Popen([sys.executable, "-m", "nxdrop", "run", "--once"], env=env, **popen)
+    env.update(extra)
+    command = [sys.executable, "-m", "nxdrop", "run", "--once"]
+    return subprocess.Popen(command, env=env, stderr=stderr, stdout=subprocess.DEVNULL)
+
+
+def run_once_measured(root: Path, count: int) -> tuple[int, int, float]:
+    """``run --once`` over ``count`` small records (archive only): exit code, peak RSS in
+    KiB (the child's own rusage), seconds."""
+    drop = root / "drop"
+    drop.mkdir(parents=True)
+    head, rest = RECORD_SMALL.read_bytes().split(b"\n", 1)
+    old = time.time() - 3600
+    for i in range(count):
+        path = drop / f"2024-06-01_backlog_{i:05d}.xml"
+        path.write_bytes(head + f"\n<!-- {i} -->\n".encode() + rest)
+        os.utime(path, (old, old))
+    started = time.monotonic()
+    with (root / "stderr.log").open("wb") as log:
+        proc = once(root, stderr=log)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss, time.monotonic() - started
+
+
+def test_run_once_exports_a_backlog_of_20000_with_flat_memory(tmp_path: Path) -> None:
+    code, small_peak, _ = run_once_measured(tmp_path / "small", 2_000)
+    assert code == 0
+    code, peak, seconds = run_once_measured(tmp_path / "large", 20_000)
+    print(
+        f"run --once: 20,000 records in {seconds:.1f} s ({20_000 / seconds:.0f}/s); "
+        f"peak RSS {peak / 1024:.1f} MiB (2,000 records: {small_peak / 1024:.1f} MiB)"
+    )
+    assert code == 0, (tmp_path / "large" / "stderr.log").read_text()[-2000:]
+    uploaded = tmp_path / "large" / "drop" / "uploaded"
+    assert len(list(uploaded.iterdir())) == 20_000
+    assert list((tmp_path / "large" / "drop").glob("*.xml")) == []
+    # Ten times the files: only the sorted list of their names grows (~0.2 KiB a file).
+    assert peak - small_peak < 10 * 1024
+
+
+def test_run_once_counts_a_file_it_could_not_finish(tmp_path: Path, corpus: Path) -> None:
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    (drop / "done.xml").write_bytes(record(corpus, 1))
+    writer = (drop / "writing.xml").open("wb")  # a builder that never finishes
+    try:
+        writer.write(record(corpus, 2)[:100])
+        writer.flush()
+        proc = once(tmp_path, stderr=subprocess.PIPE, NX_SETTLE_SECONDS="0.5")
+        _, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        writer.close()
+    assert proc.returncode == 1
+    assert b"1 of 2 files not exported" in err
+    assert xml_names(drop / "uploaded") == {"done.xml"}
 
 
 def test_run_once_exit_codes_and_no_progress_bar_off_a_terminal(
@@ -291,7 +352,7 @@ def test_run_once_draws_a_progress_bar_on_a_terminal(tmp_path: Path, corpus: Pat
     for i in range(3):
         (drop / f"p{i}.xml").write_bytes(record(corpus, i))
     leader, follower = pty.openpty()
-    proc = once(tmp_path, stderr=follower, stdout=subprocess.DEVNULL)
+    proc = once(tmp_path, stderr=follower)
     os.close(follower)
     output = b""
     while True:

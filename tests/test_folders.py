@@ -40,7 +40,7 @@ def test_scan_takes_records_only(drop: Path) -> None:
     (drop / "sub" / "e.xml").write_text("<Experiment/>")
     (drop / "link.xml").symlink_to(drop / "a.xml")
 
-    assert sorted(p.name for _, p in folder.scan()) == ["a.xml", "b.xml", "link.xml"]
+    assert sorted(name for _, name in folder.scan()) == ["a.xml", "b.xml", "link.xml"]
     assert folder.is_candidate(drop / "a.xml")
     assert not folder.is_candidate(drop / "sub" / "e.xml")
     assert not folder.is_candidate(drop / "uploaded")
