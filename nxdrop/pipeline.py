@@ -130,24 +130,25 @@ class Pipeline:
         name = path.name
         session = session_identifier_of(name)
         with self.sessions.hold(session):
-            if not self.folder.holds(path):
-                return self._locked(path, name, session, path, move=False)
-            work_path = self.work.claim(path)
-            if work_path is None:
-                return FileReport(path, session, Outcome.GONE, error="no such file any more")
+            if self.folder.holds(path):
+                source = self.work.claim(path)
+                if source is None:
+                    return FileReport(path, session, Outcome.GONE, error="no such file any more")
+            else:
+                source = path  # ``nxdrop export`` of a file elsewhere: it stays where it is
+            claimed = source is not path
             try:
-                return self._locked(path, name, session, work_path, move=True)
+                return self._locked(path, name, session, source, move=claimed)
             except Abandoned as exc:
-                back = self._put_back(work_path, name)
+                back = self._put_back(source, name) if claimed else None
                 self.store.set_session(
-                    session, RecordStatus.EXPORTING, file_name=name, error_message=f"{exc}"
+                    session, RecordStatus.EXPORTING, file_name=name, error_message=str(exc)
                 )
-                log.warning(
-                    "%s: left in the drop folder: %s", name, exc, extra=_fields(session, name)
-                )
+                log.warning("%s: left for later: %s", name, exc, extra=_fields(session, name))
                 return FileReport(path, session, Outcome.ABANDONED, moved_to=back, error=str(exc))
             except BaseException:
-                self._put_back(work_path, name)
+                if claimed:
+                    self._put_back(source, name)
                 raise
 
     def _put_back(self, work_path: Path, name: str) -> Path | None:

@@ -58,14 +58,16 @@ class Conversation:
         self.url = url
         self.token = token
         self.steps: list[Step] = []
-        self.session = requests.Session()
 
     def call(
         self, method: str, path: str, *, token: str | None = "", **kwargs: Any
     ) -> requests.Response:
         """One request, not recorded; ``token=None`` sends none, ``""`` the user's."""
         headers = {} if token is None else {"Authorization": f"Token {token or self.token}"}
-        return self.session.request(
+        # A connection each: a server that answers 301 to a POST without reading its body
+        # may drop the connection under the next request, which is not what is compared.
+        headers["Connection"] = "close"
+        return requests.request(
             method,
             self.url + path,
             headers=headers,

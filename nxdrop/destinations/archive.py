@@ -104,6 +104,15 @@ class ArchiveDestination(ExportDestination):
                 raise PermanentError(f"archive {old}: {exc.strerror or exc}") from exc
         return self.export(context)
 
+    def reconcile(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
+        """The same bytes again: reused if the copy ``earlier`` made still holds them, else
+        written again (someone removed or changed it)."""
+        assert self.root is not None
+        copy = self.root / earlier.record_id if earlier.record_id else None
+        if copy is not None and _sha256_of(copy) == context.sha256:
+            return earlier
+        return self.export(context)
+
     def _write(self, target: Path, content: bytes, digest: str) -> None:
         if _sha256_of(target) == digest:
             return  # already there: an identical copy is never rewritten

@@ -99,6 +99,20 @@ def test_an_update_that_moves_the_record_keeps_the_old_copy_as_a_version(
     assert (root / "FEI-Titan-TEM/2018/11/x.v1.xml").read_bytes() == content
 
 
+def test_a_copy_removed_from_the_archive_is_written_again_not_reused(
+    archive: ArchiveDestination, place: Callable[..., Path]
+) -> None:
+    ctx = context(place())
+    first = archive.export(ctx)
+    assert archive.reconcile(ctx, first) is first  # still there: reused as it is
+    copy = Path(first.metadata["path"])
+    copy.unlink()  # an operator tidied the archive
+
+    again = archive.reconcile(ctx, first)
+
+    assert again.record_id == first.record_id and copy.read_bytes() == ctx.content
+
+
 def test_concurrent_exports_of_one_record_write_one_copy(
     archive: ArchiveDestination, place: Callable[..., Path], tmp_path: Path
 ) -> None:
