@@ -112,7 +112,7 @@ class DropFolder:
         A name is a file in ``failed/`` or a session identifier (all of its failed files).
         Raises ``FileNotFoundError`` naming the first that is neither, before moving any.
         """
-        failed = sorted(p for p in self._failed_records())
+        failed = sorted(self._failed_records())
         if names is None:
             sources = failed
         else:
