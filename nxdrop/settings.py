@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         assert self.db_url is not None
         return self.db_url
 
+    def secret_values(self) -> list[str]:
+        """Every secret that is set, in clear: what must never be written anywhere."""
+        values = (getattr(self, name) for name in SECRETS)
+        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
     @property
     def tls_verify(self) -> bool | str:
         """What ``requests`` takes as ``verify=``."""
