@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nxdrop.destinations.base import ExportDestination
 from nxdrop.destinations.registry import Found, discover, enabled_destinations
@@ -27,6 +27,27 @@ class App:
     work: WorkFolder
     pipeline: Pipeline
     stop: Stop
+    recovered: list[str] = field(default_factory=list)  # dead slots whose log is not yet fixed
+
+    def connect(self) -> None:
+        """Open the database, and write down what dead processes of this host left in it:
+        their attempts in flight become ``interrupted``, their session locks are released.
+
+        Raises ``ConfigError`` (the operator must act) or ``DatabaseUnavailable`` (wait).
+        """
+        self.store.open()
+        if self.recovered:
+            interrupted = self.store.recover(self.recovered)
+            self.recovered = []
+            if interrupted:
+                log.warning(
+                    "%d destination call%s were in flight when nxdrop last stopped: marked "
+                    "interrupted; the next attempt looks for what they made before creating "
+                    "anything",
+                    interrupted,
+                    "" if interrupted == 1 else "s",
+                )
+        self.store.heal()
 
     def put_back_held(self) -> int:
         """Return whatever the working folder still holds to the drop folder; how many."""
@@ -45,8 +66,9 @@ class App:
 
 
 def build_app(settings: Settings, destinations: list[ExportDestination] | None = None) -> App:
-    """Load destinations (at least one must be enabled), open the database, take a
-    working folder and recover what dead processes of this host left behind.
+    """Load destinations (at least one must be enabled), take a working folder and put
+    back what dead processes of this host left in theirs. The database is opened later,
+    by :meth:`App.connect`: it may be down now and come back.
 
     ``destinations`` replaces the discovered ones (for embedding nxdrop, and for tests).
     Raises :class:`~nxdrop.exceptions.ConfigError` for anything the operator must fix.
@@ -56,14 +78,6 @@ def build_app(settings: Settings, destinations: list[ExportDestination] | None =
         destinations = enabled_destinations(found)
     store = Store(settings.database_url)
     work, recovery = WorkFolder.acquire(DropFolder(settings.drop))
-    interrupted = store.recover(recovery.workers)
-    if interrupted:
-        log.warning(
-            "%d destination call%s were in flight when nxdrop last stopped: marked interrupted; "
-            "the next attempt looks for what they made before creating anything",
-            interrupted,
-            "" if interrupted == 1 else "s",
-        )
     stop = Stop()
     pipeline = Pipeline(settings, destinations, store, work, stop=stop)
-    return App(settings, found, destinations, store, work, pipeline, stop)
+    return App(settings, found, destinations, store, work, pipeline, stop, recovery.workers)

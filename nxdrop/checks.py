@@ -8,6 +8,7 @@ from typing import TextIO
 
 from nxdrop.destinations.registry import NOTHING_ENABLED, Found, discover
 from nxdrop.exceptions import NxdropError
+from nxdrop.redact import Redactor
 from nxdrop.settings import Settings
 from nxdrop.store import Store
 
@@ -26,14 +27,20 @@ def list_destinations(settings: Settings, out: TextIO = sys.stdout) -> int:
     """Print each destination found with its priority and state; always 0."""
     found = discover(settings)
     width = max((len(f.name) for f in found), default=4)
+    redactor = Redactor.from_settings(settings)  # a plugin's error may quote anything
     for f in found:
         state = "enabled" if f.enabled else f"off: {disabled_reason(f)}"
-        print(f"{f.name:<{width}}  {f.priority:>4}  {f.source:<22} {state}", file=out)
+        line = f"{f.name:<{width}}  {f.priority:>4}  {f.source:<22} {state}"
+        print(redactor.scrub(line), file=out)
     return 0
 
 
 def check(settings: Settings, out: TextIO = sys.stdout) -> int:
-    """Validate everything that can be validated; a ✓/✗ line each; 0 only if all are ✓."""
+    """Validate everything that can be validated; a ✓/✗ line each; 0 only if all are ✓.
+
+    Every line is scrubbed of the configured secrets: a reason may quote a server's answer,
+    and a server may echo the token it was sent.
+    """
     lines: list[tuple[bool, str]] = [(True, f"configuration (strategy {settings.export_strategy})")]
     lines.append(_check_database(settings))
     lines.append(_check_drop_folder(settings))
@@ -53,17 +60,21 @@ def check(settings: Settings, out: TextIO = sys.stdout) -> int:
         lines.append(
             (ok, f"destination {f.name} (priority {f.priority})" + ("" if ok else f": {reason}"))
         )
+    redactor = Redactor.from_settings(settings)
     for ok, text in lines:
-        print(f"{OK if ok else BAD} {text}", file=out)
+        print(f"{OK if ok else BAD} {redactor.scrub(text)}", file=out)
     return 0 if all(ok for ok, _ in lines) else 1
 
 
 def _check_database(settings: Settings) -> tuple[bool, str]:
     scheme = settings.database_url.split(":", 1)[0]
+    store = Store(settings.database_url)
     try:
-        Store(settings.database_url).close()
+        store.open()
     except NxdropError as exc:
         return False, f"database: {exc}"
+    finally:
+        store.close()
     return True, f"database ({scheme})"
 
 

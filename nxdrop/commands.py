@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nxdrop.app import build_app
+from nxdrop.exceptions import DatabaseUnavailable
 from nxdrop.folders import DropFolder
 from nxdrop.progress import Progress
 from nxdrop.settings import Settings
@@ -23,6 +24,12 @@ EXIT_OK, EXIT_FAILED = 0, 1
 def export(settings: Settings, files: list[Path]) -> int:
     """``nxdrop export FILE…``: 0 when every file was exported, else 1."""
     app = build_app(settings)
+    try:
+        app.connect()
+    except DatabaseUnavailable as exc:
+        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
+        app.close()
+        return EXIT_FAILED
     try:
         progress = Progress(len(files))
         failed = 0
@@ -43,6 +50,10 @@ def run(settings: Settings, *, once: bool) -> int:
 
     app = build_app(settings)
     daemon = Daemon(app, watch=not once)
+    try:
+        app.connect()  # a configuration error stops here, with exit code 2
+    except DatabaseUnavailable as exc:
+        daemon.database_down(str(exc))  # not a configuration error: wait for it
     if once:
         summary = daemon.run_once()
         if summary.not_finished:
@@ -80,6 +91,14 @@ def retry(settings: Settings, names: list[str] | None) -> int:
 def status(settings: Settings, session: str | None, *, as_json: bool, limit: int) -> int:
     """``nxdrop status [SESSION]``: recent sessions, or one session's upload log."""
     store = Store(settings.database_url)
+    try:
+        return _status(store, session, as_json=as_json, limit=limit)
+    except DatabaseUnavailable as exc:
+        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _status(store: Store, session: str | None, *, as_json: bool, limit: int) -> int:
     columns: tuple[str, ...]
     if session is None:
         rows: list[Any] = store.recent_sessions(limit)

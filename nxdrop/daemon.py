@@ -8,6 +8,12 @@
 The main thread owns them all and runs :meth:`Daemon.loop_once`; the observer, the
 workers and the signal handlers only put items into its inbox.
 
+A database that is down pauses the work: a file whose outcome cannot be logged goes back
+into the drop folder, no new one is started, ``STATUS=`` says so, and the database is
+looked at with a growing interval until it works again; then the work resumes by itself.
+Health means progress: the watchdog is fed only while the observer works and no export has
+run, nor work waited unstarted, for longer than ``NX_STUCK_SECONDS``.
+
 Stopping: the first SIGTERM/SIGINT stops intake (what waits stays in the drop folder),
 abandons at once the records waiting to retry, and lets the exports in flight finish for up
 to ``NX_STOP_TIMEOUT`` seconds; then the rest are abandoned after their current call and
@@ -21,8 +27,10 @@ import logging
 import queue
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 
 from nxdrop.app import App
 from nxdrop.dispatch import Dispatcher, Done
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # inbox items handled per loop before the periodic duties run again
 MAX_WAIT = 1.0  # the loop wakes at least this often
+PROBE_FIRST, PROBE_MAX = 0.5, 30.0  # seconds between looks at a database that is down
 
 
 @dataclass(frozen=True)
@@ -76,11 +85,34 @@ class Daemon:
         self._last = ""
         self._stopping = False
         self._progress: Progress | None = None
+        self._last_progress = time.monotonic()  # a job started or finished, or nothing waited
+        self._unhealthy = ""  # why the watchdog is not fed, once said
+        # The database: down since (monotonic), why, and the look at it under way.
+        self._down_since: float | None = None
+        self._down_reason = ""
+        self._deferred: list[Path] = []  # put back while it was down: offered again after
+        self._probe: Future[None] | None = None
+        self._next_probe = 0.0
+        self._probe_delay = PROBE_FIRST
 
     def _wake(self) -> None:
         self.inbox.put(None)
 
     # -- the two ways to run ---------------------------------------------------------------
+
+    def database_down(self, reason: str) -> None:
+        """Pause the work until the database works again (said once, in the log and STATUS)."""
+        if self._down_since is not None:
+            self._down_reason = reason
+            return
+        self._down_since, self._down_reason = time.monotonic(), reason
+        self._probe_delay = PROBE_FIRST
+        self._next_probe = self._down_since + self._probe_delay
+        log.error(
+            "the database is unavailable (%s): the work pauses; files wait in the drop "
+            "folder until it is back",
+            reason,
+        )
 
     def run(self) -> int:
         """The service, until SIGTERM/SIGINT; 0 on a clean stop."""
@@ -100,7 +132,7 @@ class Daemon:
             self._progress = Progress(found)
             give_up = time.monotonic() + max(10.0, 5 * self.settings.settle_seconds)
             self._feed()
-            while self._busy() and not self.service.signals:
+            while (self._busy() or self._deferred) and not self.service.signals:
                 self.loop_once()
                 if self.intake.settling and time.monotonic() > give_up:
                     unsettled = self.intake.give_up_settling()
@@ -180,6 +212,7 @@ class Daemon:
         if self.service.take_hup():
             log.warning("SIGHUP: nxdrop does not reload its configuration; restart the service")
         self._reap()
+        self._watch_database()
         self.intake.tick()
         self._feed()
         self.service.tick(self.healthy(), self.status_line)
@@ -194,6 +227,8 @@ class Daemon:
 
     def _wait_time(self) -> float:
         wakeup = min(self.intake.next_wakeup(), self.service.next_wakeup(self.status_line()))
+        if self._down_since is not None and self._probe is None:
+            wakeup = min(wakeup, self._next_probe)
         return min(max(0.0, wakeup - time.monotonic()), MAX_WAIT)
 
     def _take_inbox(self, wait: float) -> None:
@@ -210,19 +245,57 @@ class Daemon:
                 return
 
     def _feed(self) -> None:
-        if self._stopping:
+        now = time.monotonic()
+        if not (len(self.intake) or self.dispatcher.queued):
+            self._last_progress = now  # nothing waits: idle is not a stall
+        if self._stopping or self._down_since is not None:
             return
         for _ in range(2):  # fill, start, and fill again: a worker never waits for the loop
             while self.dispatcher.wants() and (path := self.intake.pop()) is not None:
                 self.dispatcher.offer(path)
-            self.dispatcher.pump()
+            if self.dispatcher.pump():
+                self._last_progress = now
+
+    def _watch_database(self) -> None:
+        """While the database is down: look at it now and then, and resume once it works."""
+        if self._down_since is None or self._stopping:
+            return
+        now = time.monotonic()
+        if self._probe is None:
+            if now >= self._next_probe:
+                self._probe = self.dispatcher.call(self.app.connect)
+            return
+        if not self._probe.done():
+            return
+        probe, self._probe = self._probe, None
+        try:
+            probe.result()
+        except Exception as exc:  # DatabaseUnavailable, or a setting that went wrong
+            self._down_reason = str(exc)
+            self._probe_delay = min(self._probe_delay * 2, PROBE_MAX)
+            self._next_probe = now + self._probe_delay
+            log.debug("the database is still unavailable: %s", exc)
+            return
+        log.warning(
+            "the database works again after %.0f s: the work resumes", now - self._down_since
+        )
+        self._down_since = None
+        for path in self._deferred:
+            self.intake.again(path)
+        self._deferred.clear()
 
     def _reap(self) -> None:
         for done in self.dispatcher.reap():
             self._finished(done)
 
     def _finished(self, done: Done) -> None:
+        self._last_progress = time.monotonic()
         report = done.report
+        if report is not None and report.outcome is Outcome.DEFERRED:
+            self.database_down(report.error or "unknown")
+            if report.moved_to is not None:
+                self._deferred.append(report.moved_to)
+            return
         if report is None:
             self.crashed += 1
         else:
@@ -236,8 +309,31 @@ class Daemon:
     # -- health and status ---------------------------------------------------------------------
 
     def healthy(self) -> bool:
-        """Whether the observer works (unless stopping)."""
-        return self._stopping or self.intake.healthy()
+        """Whether work moves: the observer works, no export is stuck, nothing waits in vain.
+
+        A database that is down is not unhealthy: the daemon waits it out by itself.
+        """
+        if self._stopping:
+            return True
+        why = self._stalled()
+        if why != self._unhealthy:
+            self._unhealthy = why
+            if why:
+                log.error("nxdrop is stuck: %s; the watchdog is no longer fed", why)
+            else:
+                log.warning("nxdrop moves again; the watchdog is fed again")
+        return not why and self.intake.healthy()
+
+    def _stalled(self) -> str:
+        """Why the work does not move, or ``""``."""
+        limit = self.settings.stuck_seconds
+        oldest = self.dispatcher.oldest_running()
+        if oldest is not None and oldest > limit:
+            return f"an export has run for {oldest:.0f} s (NX_STUCK_SECONDS={limit:g})"
+        idle = time.monotonic() - self._last_progress
+        if self._down_since is None and idle > limit:
+            return f"files wait and nothing has started for {idle:.0f} s"
+        return ""
 
     def status_line(self) -> str:
         """What ``systemctl status`` shows: the queue, exports running, totals, the last one."""
@@ -249,8 +345,13 @@ class Daemon:
         parts.append(f"{self.counts[Outcome.EXPORTED]} exported, {failed} failed")
         if self._last:
             parts.append(f"last: {self._last}")
+        if self._down_since is not None:
+            since = datetime.now() - timedelta(seconds=time.monotonic() - self._down_since)
+            parts.insert(0, f"database DOWN since {since:%H:%M:%S} ({self._down_reason})")
         if self._stopping:
             parts.append("stopping")
         elif not self.intake.healthy():
             parts.append("watcher DOWN")
+        elif self._unhealthy:
+            parts.append(f"STUCK: {self._unhealthy}")
         return "; ".join(parts)

@@ -51,6 +51,7 @@ class Dispatcher:
         self._queued: set[Path] = set()  # every path in _waiting
         self._ready: deque[str] = deque()  # sessions with paths waiting and no job running
         self._running: dict[Future[FileReport], _Running] = {}
+        self._bugs_told: set[str] = set()
 
     def wants(self) -> bool:
         """Whether more paths would keep the workers busy (it never hoards the backlog)."""
@@ -69,8 +70,9 @@ class Dispatcher:
         paths.append(path)
         self._queued.add(path)
 
-    def pump(self) -> None:
-        """Start jobs while workers are free."""
+    def pump(self) -> int:
+        """Start jobs while workers are free; how many started."""
+        started = 0
         while self._ready and len(self._running) < self.workers:
             session = self._ready.popleft()
             paths = self._waiting[session]
@@ -81,6 +83,8 @@ class Dispatcher:
             future = self.executor.submit(self.job, path)
             self._running[future] = _Running(path, session, time.monotonic())
             future.add_done_callback(lambda _: self.wake())
+            started += 1
+        return started
 
     def reap(self) -> list[Done]:
         """The jobs that finished since the last call; their sessions may run again."""
@@ -92,9 +96,15 @@ class Dispatcher:
                 self._ready.append(job.session)
             try:
                 report: FileReport | None = future.result()
-            except BaseException:  # even SystemExit from a plugin must not end the daemon
-                log.exception(
-                    "%s: export failed unexpectedly; it is back in the drop folder", job.path.name
+            except BaseException as exc:  # even SystemExit from a plugin must not end it
+                bug = f"{type(exc).__name__}: {exc}"
+                told = bug in self._bugs_told
+                self._bugs_told.add(bug)
+                log.error(  # a bug: its traceback once, then one line
+                    "%s: export failed unexpectedly (%s); it is back in the drop folder",
+                    job.path.name,
+                    bug,
+                    exc_info=None if told else exc,
                 )
                 report = None
             done.append(Done(job.path, report))
@@ -107,6 +117,12 @@ class Dispatcher:
         self._queued.clear()
         self._ready.clear()
         return count
+
+    def call(self, work: Callable[[], None]) -> Future[None]:
+        """Run ``work`` on a worker thread (not a file's job); the main loop is woken after."""
+        future = self.executor.submit(work)
+        future.add_done_callback(lambda _: self.wake())
+        return future
 
     def shutdown(self) -> None:
         """Let the executor's threads go once their jobs end; never waits for them."""

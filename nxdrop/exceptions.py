@@ -49,3 +49,8 @@ class TransientError(DestinationError):
 
 class PermanentError(DestinationError):
     """Retrying cannot help: bad credentials, a rejected record, a missing template."""
+
+
+class DatabaseUnavailable(NxdropError):
+    """The database cannot be used now (down, unreachable, locked, full): a fault that
+    passes. The work pauses and resumes by itself; it is never a configuration error."""

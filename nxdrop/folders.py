@@ -13,6 +13,9 @@ Each working folder belongs to the process that holds the ``flock`` of its lock 
 puts back what every unlocked (dead) slot of that host still holds. The slot name is also
 the ``worker`` of the process's rows in the database, so a later step can let another host
 take over a dead host's slot through the database.
+
+Any name the kernel allows is handled: copy names and the name of a failed record's reason
+(:func:`error_file_for`) are shortened to fit in 255 bytes, never refused.
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+from nxdrop.exceptions import ConfigError
 from nxdrop.fsops import (
     XML,
     base_stem,
     copy_names,
+    fit_name,
     move_to_free_name,
     rename_noreplace,
     write_atomically,
 )
+from nxdrop.records import escape_name
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,18 @@ STATE = ".nxdrop"
 ERROR_SUFFIX = ".error.json"
 PARTIAL_SUFFIXES = (".part", ".tmp", "~")
 _UNSAFE_HOST = re.compile(r"[^A-Za-z0-9._-]+")
+# Room for ``-<n>.lock`` after the host part of a slot name.
+_HOST_MAX = 200
+
+
+def error_file_for(record_path: Path) -> Path:
+    """Where the reason of the failed record at ``record_path`` is: ``<name>.error.json``.
+
+    A name too long for that suffix gets a shortened one (:func:`~nxdrop.fsops.fit_name`),
+    found again from the record's name alone: by ``retry``, which deletes it, and by anyone
+    reading ``failed/``.
+    """
+    return record_path.with_name(fit_name(record_path.name, ERROR_SUFFIX))
 
 
 def is_record_name(name: str) -> bool:
@@ -127,7 +145,7 @@ class DropFolder:
         moved = []
         for source in sources:
             moved.append(move_to_free_name(source, self.path, source.name))
-            source.with_name(source.name + ERROR_SUFFIX).unlink(missing_ok=True)
+            error_file_for(source).unlink(missing_ok=True)
         return moved
 
     def _failed_records(self) -> Iterator[Path]:
@@ -139,9 +157,10 @@ class DropFolder:
     def _failed_named(self, name: str, failed: list[Path]) -> list[Path]:
         candidate = Path(name)
         if candidate.parent == Path():  # a bare name: a file in failed/, else a session
-            if self.failed / name in failed:
-                return [self.failed / name]
-            return [p for p in failed if base_stem(p.name) == name]
+            # A name is also matched as nxdrop shows it (escaped), so an operator can paste
+            # a name with invalid UTF-8 or a newline from ``nxdrop status`` or the log.
+            files = [p for p in failed if _spelled(name, p.name)]
+            return files or [p for p in failed if _spelled(name, base_stem(p.name))]
         in_failed = candidate.absolute().parent == self.failed.absolute()
         path = self.failed / candidate.name
         return [path] if in_failed and path in failed else []
@@ -166,9 +185,29 @@ class WorkFolder:
 
     @classmethod
     def acquire(cls, drop: DropFolder, host: str | None = None) -> tuple[WorkFolder, Recovery]:
-        """Take the first free slot of this host; put back what every dead slot holds."""
+        """Take the first free slot of this host; put back what every dead slot holds.
+
+        Raises :class:`ConfigError` naming ``NX_DROP_PATH`` when the drop folder cannot be
+        used (it is a file, or this user may not write in it): every record would fail.
+        """
+        try:
+            return cls._acquire(drop, host)
+        except OSError as exc:
+            where = exc.filename if exc.filename is not None else drop.path
+            # mkdir's EEXIST here means a file sits where a folder must be.
+            why = "not a folder" if isinstance(exc, FileExistsError) else exc.strerror or exc
+            raise ConfigError(
+                f"NX_DROP_PATH={escape_name(str(drop.path))}: the drop folder cannot be used: "
+                f"{escape_name(str(where))}: {why}"
+            ) from None
+
+    @classmethod
+    def _acquire(cls, drop: DropFolder, host: str | None) -> tuple[WorkFolder, Recovery]:
         drop.create()
-        prefix = _UNSAFE_HOST.sub("_", host or socket.gethostname()) or "host"
+        for folder in (drop.path, drop.uploaded, drop.failed, drop.work):
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "not writable by this user", str(folder))
+        prefix = _UNSAFE_HOST.sub("_", host or socket.gethostname())[:_HOST_MAX] or "host"
         recovery = Recovery()
         mine: WorkFolder | None = None
         for n in count():
@@ -213,7 +252,7 @@ class WorkFolder:
         return move_to_free_name(work_path, self.drop.uploaded, name)
 
     def to_failed(self, work_path: Path, name: str, report: dict[str, Any]) -> Path:
-        """Move a record into ``failed/``, its ``<name>.error.json`` written first.
+        """Move a record into ``failed/``, its reason (:func:`error_file_for`) written first.
 
         Written first, so a crash between the two steps never leaves a failed record
         without its reason (at worst a reason without its record, overwritten later).
@@ -222,7 +261,7 @@ class WorkFolder:
         for target in copy_names(self.drop.failed, name):
             if os.path.lexists(target):
                 continue
-            write_atomically(target.with_name(target.name + ERROR_SUFFIX), data)
+            write_atomically(error_file_for(target), data)
             try:
                 rename_noreplace(work_path, target)
             except FileExistsError:
@@ -249,6 +288,11 @@ class WorkFolder:
                 self.path,
             )
         return back
+
+
+def _spelled(given: str, name: str) -> bool:
+    """Whether ``given`` is ``name`` itself or ``name`` as nxdrop shows it (escaped)."""
+    return given == name or given == escape_name(name)
 
 
 def _try_lock(lock_path: Path) -> int | None:

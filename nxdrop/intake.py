@@ -160,6 +160,10 @@ class Intake:
         del self._ready[name]
         return self.folder.path / name
 
+    def again(self, path: Path) -> None:
+        """Offer ``path`` once more (put back into the drop folder while the work paused)."""
+        self._add(path.name)
+
     def __len__(self) -> int:
         return len(self._ready)
 

@@ -4,7 +4,10 @@ Under systemd every record goes to journald as structured fields (``SYSLOG_IDENT
 ``PRIORITY``, ``MESSAGE``, ``CODE_*``, ``LOGGER`` and the record's upper-case extras such as
 ``SESSION_ID``, ``DESTINATION``, ``RECORD_ID``, ``FILE``), so an operator can filter with
 ``journalctl -u nxdrop SESSION_ID=…``. Every handler redacts the configured secrets, so a
-token that reaches a message, a traceback or a field is never written anywhere.
+token that reaches a message, a traceback or a field is never written anywhere; and it escapes
+control characters and lone surrogates, so a file name with a newline cannot forge a line of
+its own (``<3>FAKE ERROR``) and one that is not UTF-8 never turns a line into
+"--- Logging error ---".
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import traceback
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import TextIO
 
+from nxdrop.redact import Redactor
 from nxdrop.settings import Settings
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -49,32 +55,93 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
+# What a line must not carry raw: C0 and C1 controls (a newline starts a forged line, an
+# escape sequence rewrites a terminal), Unicode line separators, and lone surrogates (a
+# name that is not UTF-8, decoded with surrogateescape, cannot be encoded back as UTF-8).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_UNSAFE_BUT_NEWLINE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_DONE = "_nxdrop_clean"  # set on a record once its filter has run (every handler has it)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _SHORT:
+        return _SHORT[char]
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for an undecodable byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line and encodable: control characters and lone surrogates escaped
+    (``\\n``, ``\\x1b``, ``\\xff`` for an undecodable byte of a file name)."""
+    return _UNSAFE.sub(_escape_one, text)
+
+
+def _escape_but_newlines(text: str) -> str:
+    return _UNSAFE_BUT_NEWLINE.sub(_escape_one, text)
+
+
+def format_exception(
+    exc_info: tuple[type[BaseException], BaseException, TracebackType | None],
+) -> str:
+    """A traceback as ``logging`` formats it, but with each exception's own message escaped.
+
+    The frames keep their lines; the words of an exception (where a file name or a server's
+    answer may sit) are kept on their own line, so they cannot forge another entry.
+    """
+    te = traceback.TracebackException(*exc_info)
+    finals: set[str] = set()
+    pending, seen = [te], set()
+    while pending:
+        one = pending.pop()
+        if id(one) in seen:
+            continue
+        seen.add(id(one))
+        finals.update(one.format_exception_only())
+        pending.extend(x for x in (one.__cause__, one.__context__) if x is not None)
+        pending.extend(getattr(one, "exceptions", None) or ())
+    chunks = [
+        escape_controls(chunk.removesuffix("\n")) + "\n" if chunk in finals else chunk
+        for chunk in te.format()
+    ]
+    return _escape_but_newlines("".join(chunks).removesuffix("\n"))
+
+
 class RedactSecrets(logging.Filter):
-    """Replaces every secret value with ``***`` in a record's message, traceback and fields."""
+    """Makes a record safe to write: every secret masked (``***``) by the one
+    :class:`~nxdrop.redact.Redactor`, in the message, the traceback and the journal fields;
+    then control characters and lone surrogates escaped, so that one record is one line
+    (a traceback keeps its own lines) and always encodable.
+    """
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    def __init__(self, redactor: Redactor) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def _clean(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        self.redactor = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
-        if record.exc_info and not record.exc_text:
-            # Formatters reuse exc_text, so the traceback is redacted once for every handler.
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        record.msg, record.args = self._clean(record.getMessage()), None
+        if getattr(record, _DONE, False):
+            return True  # the second handler gets the record as the first left it
+        setattr(record, _DONE, True)
+        scrub = self.redactor.scrub
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text:
+            # Formatters reuse exc_text: the traceback is formatted and cleaned once.
+            exc_type, exc, tb = record.exc_info
+            record.exc_text = format_exception((exc_type or type(exc), exc, tb))
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not break the caller's logging call
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg, record.args = escape_controls(scrub(message)), None
         if record.exc_text:
-            record.exc_text = self._clean(record.exc_text)
+            record.exc_text = _escape_but_newlines(scrub(record.exc_text))
         if record.stack_info:
-            record.stack_info = self._clean(record.stack_info)
+            record.stack_info = _escape_but_newlines(scrub(record.stack_info))
         for key, value in list(vars(record).items()):
             if _FIELD.fullmatch(key) and isinstance(value, str):
-                setattr(record, key, self._clean(value))
+                setattr(record, key, escape_controls(scrub(value)))
         return True
 
 
@@ -207,12 +274,6 @@ def stderr_is_journal(
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
-def secrets_of(settings: Settings) -> list[str]:
-    """The secret values to keep out of every log line."""
-    values = [settings.cdcs_token, settings.elabftw_api_key]
-    return [v.get_secret_value() for v in values if v is not None]
-
-
 def setup_logging(
     settings: Settings,
     *,
@@ -231,7 +292,7 @@ def setup_logging(
         root.removeHandler(old)
         old.close()
     root.setLevel(logging.DEBUG if verbose else settings.log_level)
-    redact = RedactSecrets(secrets_of(settings))
+    redact = RedactSecrets(Redactor.from_settings(settings))
     target = settings.log_target
     journal = target == "journal" or (target == "auto" and stderr_is_journal(stream))
     # Without journald (a container, say) the journal would swallow every line.
@@ -249,7 +310,9 @@ def setup_logging(
     root.addHandler(handler)
     if settings.log_path is not None:
         settings.log_path.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(settings.log_path / "nxdrop.log", encoding="utf-8")
+        file_handler = logging.FileHandler(
+            settings.log_path / "nxdrop.log", encoding="utf-8", errors="backslashreplace"
+        )
         file_handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )

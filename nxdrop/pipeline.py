@@ -11,6 +11,7 @@ the drop folder.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -21,9 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult, utcnow
-from nxdrop.exceptions import RecordError
+from nxdrop.exceptions import DatabaseUnavailable, RecordError
 from nxdrop.folders import DropFolder, WorkFolder
-from nxdrop.records import Record, RecordReader, session_identifier_of
+from nxdrop.records import (
+    Record,
+    RecordReader,
+    escape_name,
+    name_problem,
+    session_identifier_of,
+)
+from nxdrop.redact import Redactor
 from nxdrop.runner import Abandoned, DestinationRunner, Stop
 from nxdrop.settings import Settings, Strategy
 from nxdrop.store import RecordStatus, Standing, Store
@@ -41,6 +49,7 @@ class Outcome(StrEnum):
     FAILED = "failed"  # destinations failed: failed/
     REJECTED = "rejected"  # the record itself is bad; no destination contacted: failed/
     ABANDONED = "abandoned"  # nxdrop stopped mid-way; the file is back in the drop folder
+    DEFERRED = "deferred"  # the database is down: the file is back, to run when it is up
     GONE = "gone"  # the file vanished before it was claimed (taken by someone else)
 
 
@@ -119,6 +128,7 @@ class Pipeline:
                 worker=work.worker,
                 retry_max_time=settings.retry_max_time,
                 stop=self.stop,
+                redactor=Redactor.from_settings(settings),
             )
             for d in destinations
         ]
@@ -128,7 +138,7 @@ class Pipeline:
         """Export one file. A file in the drop folder is claimed and then moved on as the
         daemon does; a file elsewhere (``nxdrop export``) is exported where it is."""
         name = path.name
-        session = session_identifier_of(name)
+        shown, session = escape_name(name), escape_name(session_identifier_of(name))
         with self.sessions.hold(session):
             if self.folder.holds(path):
                 source = self.work.claim(path)
@@ -136,68 +146,76 @@ class Pipeline:
                     return FileReport(path, session, Outcome.GONE, error="no such file any more")
             else:
                 source = path  # ``nxdrop export`` of a file elsewhere: it stays where it is
-            claimed = source is not path
+            file = _File(path, name, shown, session, source, claimed=source is not path)
             try:
-                return self._locked(path, name, session, source, move=claimed)
+                return self._locked(file)
+            except DatabaseUnavailable as exc:
+                # Nothing moves on without its outcome logged: back it goes, until the
+                # database works again (the daemon pauses and says so).
+                back = self._put_back(file)
+                return FileReport(path, session, Outcome.DEFERRED, moved_to=back, error=str(exc))
             except Abandoned as exc:
-                back = self._put_back(source, name) if claimed else None
-                self.store.set_session(
-                    session, RecordStatus.EXPORTING, file_name=name, error_message=str(exc)
-                )
-                log.warning("%s: left for later: %s", name, exc, extra=_fields(session, name))
+                back = self._put_back(file)
+                log.warning("%s: left for later: %s", shown, exc, extra=file.fields)
+                with contextlib.suppress(DatabaseUnavailable):  # only a note for `status`
+                    self.store.set_session(
+                        session, RecordStatus.EXPORTING, file_name=shown, error_message=str(exc)
+                    )
                 return FileReport(path, session, Outcome.ABANDONED, moved_to=back, error=str(exc))
             except BaseException:
-                if claimed:
-                    self._put_back(source, name)
+                self._put_back(file)
                 raise
 
-    def _put_back(self, work_path: Path, name: str) -> Path | None:
-        if not work_path.is_symlink() and not work_path.exists():
-            return None  # it had already moved on
-        return self.work.put_back(work_path, name)
+    def _put_back(self, file: _File) -> Path | None:
+        source = file.source
+        if not file.claimed or (not source.is_symlink() and not source.exists()):
+            return None  # not ours to move, or it had already moved on
+        return self.work.put_back(source, file.name)
 
-    def _locked(
-        self, path: Path, name: str, session: str, source: Path, *, move: bool
-    ) -> FileReport:
+    def _locked(self, file: _File) -> FileReport:
         """Hold the session in the database while the file runs."""
         worker = self.work.worker
         waiting = False
-        while not self.store.lock_session(session, worker, name):
+        while not self.store.lock_session(file.session, worker, file.shown):
             if not waiting:
                 waiting = True
                 log.info(
                     "%s: another nxdrop is exporting session %s; waiting for it",
-                    name,
-                    session,
-                    extra=_fields(session, name),
+                    file.shown,
+                    file.session,
+                    extra=file.fields,
                 )
             if self.stop.requested.wait(LOCK_POLL_SECONDS):
                 raise Abandoned("nxdrop stopped while another process held the session")
         try:
-            return self._run(path, name, session, source, move=move)
+            return self._run(file)
         finally:
-            self.store.unlock_session(session, worker)
+            self.store.unlock_session(file.session, worker)
 
-    def _run(self, path: Path, name: str, session: str, source: Path, *, move: bool) -> FileReport:
-        extra = _fields(session, name)
+    def _run(self, file: _File) -> FileReport:
+        problem = name_problem(file.name)
+        if problem is not None:
+            return self._reject(file, problem)
         for round_ in range(1, MAX_ROUNDS + 1):
             try:
-                record = self.reader.read(source, name)
+                record = self.reader.read(file.source, file.name)
             except RecordError as exc:
-                return self._reject(path, name, session, source, str(exc), move=move)
-            log.info("exporting %s (%d bytes)", name, len(record.content), extra=extra)
+                return self._reject(file, str(exc))
+            log.info("exporting %s (%d bytes)", file.name, len(record.content), extra=file.fields)
             results = self._destinations(record)
             if self.stop.now.is_set() and not is_exported(self.strategy, results):
                 # Cut short by the stop, perhaps by it: the next start runs it again.
                 raise Abandoned("nxdrop stopped before the export was done")
             if not record.changed():
-                return self._finish(path, record, results, move=move)
+                return self._finish(file, record, results)
             if round_ < MAX_ROUNDS:
                 log.warning(
-                    "%s changed while it was exported: exporting its new content", name, extra=extra
+                    "%s changed while it was exported: exporting its new content",
+                    file.name,
+                    extra=file.fields,
                 )
         error = f"the file kept changing while it was exported ({MAX_ROUNDS} times)"
-        return self._finish(path, record, results, move=move, error=error)
+        return self._finish(file, record, results, error=error)
 
     def _destinations(self, record: Record) -> list[ExportResult]:
         """Run the destinations in priority order; each sees the results before it."""
@@ -217,15 +235,13 @@ class Pipeline:
 
     def _finish(
         self,
-        path: Path,
+        file: _File,
         record: Record,
         results: list[ExportResult],
         *,
-        move: bool,
         error: str | None = None,
     ) -> FileReport:
         session, name = record.session_identifier, record.name
-        extra = _fields(session, name)
         exported = error is None and is_exported(self.strategy, results)
         failures = [f"{r.destination_name}: {r.error_message}" for r in results if not r.success]
         error = "; ".join(([error] if error else []) + failures) or None
@@ -233,34 +249,45 @@ class Pipeline:
             self.store.set_session(
                 session, RecordStatus.COMPLETED, record=record, error_message=error
             )
-            moved = self.work.to_uploaded(record.path, name) if move else None
-            log.info("%s exported (%s)", name, _summary(results), extra=extra)
-            return FileReport(path, session, Outcome.EXPORTED, results, moved, error)
+            moved = self.work.to_uploaded(record.path, name) if file.claimed else None
+            log.info("%s exported (%s)", name, _summary(results), extra=file.fields)
+            return FileReport(file.path, session, Outcome.EXPORTED, results, moved, error)
         self.store.set_session(
             session, RecordStatus.BUILT_NOT_EXPORTED, record=record, error_message=error
         )
         moved = None
-        if move:
+        if file.claimed:
             report = _error_report(name, session, self.strategy, error, results, record.sha256)
             moved = self.work.to_failed(record.path, name, report)
-        log.error("%s NOT exported: %s", name, error, extra=extra)
-        return FileReport(path, session, Outcome.FAILED, results, moved, error)
+        log.error("%s NOT exported: %s", name, error, extra=file.fields)
+        return FileReport(file.path, session, Outcome.FAILED, results, moved, error)
 
-    def _reject(
-        self, path: Path, name: str, session: str, source: Path, error: str, *, move: bool
-    ) -> FileReport:
-        log.error("%s rejected: %s", name, error, extra=_fields(session, name))
-        self.store.set_session(session, RecordStatus.ERROR, file_name=name, error_message=error)
+    def _reject(self, file: _File, error: str) -> FileReport:
+        shown, session = file.shown, file.session
+        log.error("%s rejected: %s", shown, error, extra=file.fields)
+        self.store.set_session(session, RecordStatus.ERROR, file_name=shown, error_message=error)
         moved = None
-        if move:
-            report = _error_report(name, session, self.strategy, f"record rejected: {error}", [])
-            moved = self.work.to_failed(source, name, report)
-        return FileReport(path, session, Outcome.REJECTED, [], moved, error)
+        if file.claimed:
+            report = _error_report(shown, session, self.strategy, f"record rejected: {error}", [])
+            moved = self.work.to_failed(file.source, file.name, report)
+        return FileReport(file.path, session, Outcome.REJECTED, [], moved, error)
 
 
-def _fields(session: str, name: str) -> dict[str, str]:
-    """The journal fields of a log line about one file."""
-    return {"SESSION_ID": session, "FILE": name}
+@dataclass(frozen=True)
+class _File:
+    """One file on its way: its name (for moves), as shown (stored, logged), its session."""
+
+    path: Path  # as given
+    name: str  # its real name, for the moves
+    shown: str  # its name as text that is safe to store and log
+    session: str  # its session identifier, as safe text
+    source: Path  # where its bytes are: the working folder once claimed
+    claimed: bool  # moved on (uploaded/, failed/, back) when done
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The journal fields of a log line about it."""
+        return {"SESSION_ID": self.session, "FILE": self.shown}
 
 
 def _summary(results: list[ExportResult]) -> str:

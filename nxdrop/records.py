@@ -1,12 +1,15 @@
-"""Reading a record: the file's bytes, parsed once, safely, into what destinations need."""
+"""Reading a record: the file's bytes, read once and parsed safely as a stream, into what
+destinations need; and file names made safe to store, show and log."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 import stat
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -65,9 +68,59 @@ def session_identifier_of(name: str) -> str:
     """NexusLIMS names records ``<date>_<instrument>_<id>.xml``; the name is the session.
 
     A ``.<n>`` before ``.xml`` is the copy number that a name clash in ``uploaded/`` or
-    ``failed/`` added, so a retried ``failed/x.1.xml`` is still session ``x``.
+    ``failed/`` added, so a retried ``failed/x.1.xml`` is still session ``x``. A stem longer
+    than 240 bytes is shortened (:func:`nxdrop.fsops.base_stem`), so that a long name and
+    its shortened copy names are still one session.
     """
     return base_stem(name)
+
+
+# Characters that would break a log line or a table row: C0 and C1 controls, DEL, and the
+# two Unicode line breaks that str.splitlines() and many viewers honour.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_name(name: str) -> str:
+    """``name`` as text that is safe to store, show and log.
+
+    A byte that is not UTF-8 (which ``os.fsdecode`` turned into a lone surrogate) becomes
+    ``\\xNN``, a control character ``\\n``, ``\\t``, ``\\r`` or ``\\xNN``; everything else,
+    spaces and a leading dash among it, stays as it is. The result encodes as UTF-8 and
+    holds no line break, so it can go into a database, a JSON file and one log line.
+    """
+    if _CONTROL.search(name) is None and _SURROGATE.search(name) is None:
+        return name  # the usual case, at the cost of two scans
+    return _SURROGATE.sub(_escape_surrogate, _CONTROL.sub(_escape_control, name))
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    # U+DC80..U+DCFF is how surrogateescape spells the undecodable byte 0x80..0xFF.
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def name_problem(name: str) -> str | None:
+    """Why the file name ``name`` cannot give a session identifier, or ``None`` if it can.
+
+    A session identifier goes into the database, every destination and the log, so it must
+    be valid UTF-8 and hold no control character (a newline would forge log lines). A
+    leading dash, spaces and any other Unicode text are fine.
+    """
+    if _SURROGATE.search(name):
+        return "the file name is not valid UTF-8"
+    if _CONTROL.search(name):
+        return "the file name holds control characters (a newline, a tab, …)"
+    return None
 
 
 def signature_of(path: Path) -> Signature | None:
@@ -80,17 +133,25 @@ def signature_of(path: Path) -> Signature | None:
 
 
 class RecordReader:
-    """Reads and checks records; built once from the settings (the XSD is parsed once)."""
+    """Reads and checks records; built once from the settings (the XSD is read once).
+
+    The file is read once and parsed as a stream, each element dropped once it is done, so
+    reading costs the file's bytes (which the destinations send) and little more, however
+    many elements the record has. By default the schema is the NexusLIMS one shipped in
+    the package (the settings' ``schema_path``).
+    """
 
     def __init__(self, max_bytes: int, schema_path: Path | None = None) -> None:
         self.max_bytes = max_bytes
-        self._schema: etree.XMLSchema | None = None
-        # libxml2 schema validation keeps per-object error state: one thread at a time.
-        self._schema_lock = threading.Lock()
+        self.schema_path = schema_path
+        self._xsd: bytes | None = None
+        # A compiled schema per thread: libxml2 keeps validation state in it, and a
+        # lock around every parse would let one large record hold up every worker.
+        self._local = threading.local()
         if schema_path is not None:
             try:
-                schema_doc = etree.parse(str(schema_path), _safe_parser())
-                self._schema = etree.XMLSchema(schema_doc)
+                self._xsd = schema_path.read_bytes()
+                self._local.schema = self._compile()
             except (OSError, etree.XMLSyntaxError, etree.XMLSchemaParseError) as exc:
                 raise ConfigError(f"NX_SCHEMA_PATH={schema_path}: not a usable XSD: {exc}") from exc
 
@@ -102,18 +163,7 @@ class RecordReader:
         """
         name = name or path.name
         content, signature = self._read_bytes(path)
-        root = self._parse(path, content)
-        if self._schema is not None:
-            with self._schema_lock:
-                valid = self._schema.validate(root.getroottree())
-                log = self._schema.error_log
-            if not valid:
-                first = log[0] if len(log) else None
-                where = f" (line {first.line})" if first else ""
-                message = first.message if first else "invalid"
-                raise RecordError(f"fails the schema{where}: {message}")
-        summary = _child(root, "summary")
-        instrument = _child(summary, "instrument") if summary is not None else None
+        found = self._parse(content)
         return Record(
             path=path,
             name=name,
@@ -121,12 +171,26 @@ class RecordReader:
             content=content,
             sha256=hashlib.sha256(content).hexdigest(),
             session_identifier=session_identifier_of(name),
-            title=_text(_child(root, "title")),
-            instrument_pid=instrument.get("pid") if instrument is not None else None,
-            user=_text(_child(summary, "experimenter")),
-            dt_from=_date(path, summary, "reservationStart"),
-            dt_to=_date(path, summary, "reservationEnd"),
+            title=found.title,
+            instrument_pid=found.instrument_pid,
+            user=found.summary.get("experimenter"),
+            dt_from=_date(found, "reservationStart"),
+            dt_to=_date(found, "reservationEnd"),
         )
+
+    def _schema(self) -> etree.XMLSchema | None:
+        if self._xsd is None:
+            return None
+        schema: etree.XMLSchema | None = getattr(self._local, "schema", None)
+        if schema is None:
+            schema = self._local.schema = self._compile()
+        return schema
+
+    def _compile(self) -> etree.XMLSchema:
+        assert self._xsd is not None
+        # base_url: an xs:include or xs:import next to the XSD is found where it lies.
+        doc = etree.fromstring(self._xsd, _safe_parser(), base_url=str(self.schema_path))
+        return etree.XMLSchema(doc)
 
     def _read_bytes(self, path: Path) -> tuple[bytes, Signature]:
         # O_NOFOLLOW: a symbolic link is never a record, and what it points to is never read.
@@ -149,32 +213,177 @@ class RecordReader:
         signature = (info.st_size, info.st_mtime_ns, info.st_ino)
         if len(content) > self.max_bytes:
             raise RecordError(f"grew past NX_MAX_RECORD_BYTES={self.max_bytes}")
-        if not content.strip():
+        if not content or content.isspace():  # not strip(): that would copy the record
             raise RecordError("the file is empty")
         return content, signature
 
-    def _parse(self, path: Path, content: bytes) -> etree._Element:
+    def _parse(self, content: bytes) -> _Found:
+        """Check ``content`` and collect what destinations need: well-formed, no DOCTYPE, an
+        ``<Experiment>``, then the schema.
+
+        Two streaming passes, neither of which keeps a tree (each element is dropped once it
+        is done), so memory stays flat. Not one pass validating while it parses: lxml's
+        validating parser takes a file cut short (a half-written record), junk after the
+        root, or a broken namespace declaration for a valid record, so the pass without a
+        schema judges the syntax, and the schema judges only what is well-formed.
+        """
+        found = _Found()
+        stream = _stream(content, None)
         try:
-            root = etree.fromstring(content, _safe_parser())
+            _collect(stream, found)
         except etree.XMLSyntaxError as exc:
-            raise RecordError(f"not well-formed XML: {exc}") from exc
-        docinfo = root.getroottree().docinfo
-        if docinfo.doctype or docinfo.internalDTD is not None:
-            raise RecordError("carries a DOCTYPE; NexusLIMS records have none and it is refused")
-        if etree.QName(root).localname != "Experiment":
-            raise RecordError(
-                f"root element is <{etree.QName(root).localname}>, not a NexusLIMS <Experiment>"
-            )
-        return root
+            raise RecordError(_syntax_problem(content) or f"not well-formed XML: {exc}") from None
+        if not found.complete:  # the parser raises first; never publish it if it did not
+            raise RecordError("not well-formed XML: the file ends inside its root element")
+        schema = self._schema()
+        if schema is not None:
+            check = _stream(content, schema, ("end",))
+            try:
+                _drain(check)
+            except etree.XMLSyntaxError as exc:
+                # The first error is the cause; later ones often follow from it.
+                errors = [e for e in check.error_log if e.domain_name.startswith("SCHEMA")]
+                message = errors[0].message if errors else exc.msg
+                name = self.schema_path.name if self.schema_path is not None else "schema"
+                raise RecordError(f"fails the schema ({name}): {message}") from None
+        return found
 
 
-def _child(parent: etree._Element | None, localname: str) -> etree._Element | None:
-    if parent is None:
+def _stream(
+    content: bytes, schema: etree.XMLSchema | None, events: tuple[str, ...] = ("start", "end")
+) -> etree.iterparse:
+    """Parse events of ``content``: no entities, no DTD, no network; comments and processing
+    instructions are not kept (nothing reads them; the record's bytes go out unchanged)."""
+    return etree.iterparse(
+        io.BytesIO(content),
+        events=events,
+        resolve_entities=False,
+        load_dtd=False,
+        no_network=True,
+        huge_tree=False,
+        remove_comments=True,
+        remove_pis=True,
+        schema=schema,
+    )
+
+
+@dataclass
+class _Found:
+    """What a record's parse collects: the root's first ``title``, and the texts of the
+    first ``summary``'s children (and its ``instrument``'s ``pid``)."""
+
+    title: str | None = None
+    instrument_pid: str | None = None
+    summary: dict[str, str | None] = field(default_factory=dict)
+    complete: bool = False  # the root element was closed
+
+
+# The children of ``summary`` that a record's context needs.
+_SUMMARY_FIELDS = frozenset({"experimenter", "instrument", "reservationStart", "reservationEnd"})
+
+
+def _collect(events: etree.iterparse, found: _Found) -> None:
+    """Walk the parse ``events``, filling ``found`` and dropping each finished element."""
+    depth = 0
+    in_summary = False  # inside the root's first <summary>
+    title_seen = summary_seen = False
+    for event, element in events:
+        if event == "start":
+            depth += 1
+            if depth == 1:
+                _check_root(element)
+            elif depth == 2 and not summary_seen and _local(element) == "summary":
+                in_summary = summary_seen = True
+            continue
+        if depth == 2:
+            local = _local(element)
+            if local == "summary":
+                in_summary = False
+            elif local == "title" and not title_seen:
+                title_seen = True
+                found.title = _text(element)
+        elif depth == 3 and in_summary:
+            local = _local(element)
+            if local in _SUMMARY_FIELDS and local not in found.summary:
+                found.summary[local] = _text(element)
+                if local == "instrument":
+                    found.instrument_pid = element.get("pid")
+        depth -= 1
+        if depth:
+            _drop(element)
+        else:
+            found.complete = True
+
+
+def _drain(events: etree.iterparse) -> None:
+    """Run the parse ``events`` to the end, dropping each finished element."""
+    for _, element in events:
+        if element.getparent() is not None:
+            _drop(element)
+
+
+def _drop(element: etree._Element) -> None:
+    """Free a finished element and the finished siblings before it (not the root: the parse
+    still adds to it)."""
+    element.clear(keep_tail=False)
+    parent = element.getparent()
+    while parent is not None and element.getprevious() is not None:
+        del parent[0]
+
+
+def _check_root(root: etree._Element) -> None:
+    docinfo = root.getroottree().docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None:
+        raise RecordError(_DOCTYPE)
+    if _local(root) != "Experiment":
+        raise RecordError(f"root element is <{_local(root)}>, not a NexusLIMS <Experiment>")
+
+
+_DOCTYPE = "carries a DOCTYPE; NexusLIMS records have none and it is refused"
+
+
+def _local(element: etree._Element) -> str:
+    tag = element.tag
+    return tag.rpartition("}")[2] if isinstance(tag, str) else ""
+
+
+class _DoctypeSeen:
+    """A parser target that builds nothing and notes whether a DOCTYPE came by.
+
+    It has no ``start``, ``end`` or ``data``: libxml2 parses without calling into Python.
+    """
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def doctype(self, *_: object) -> None:
+        self.seen = True
+
+    def close(self) -> None:
         return None
-    for child in parent:
-        if isinstance(child.tag, str) and etree.QName(child).localname == localname:
-            return child
-    return None
+
+
+def _syntax_problem(content: bytes) -> str | None:
+    """Why ``content`` is refused, in libxml2's most precise words, or ``None`` if this pass
+    finds nothing (it does not check namespaces).
+
+    The stream's parser (libxml2's push parser) words some errors vaguely (``Start tag
+    expected`` at line 1 for an undefined entity), so a refused file is parsed once more,
+    in C alone, building nothing, for the message.
+    """
+    target = _DoctypeSeen()
+    parser = etree.XMLParser(
+        target=target,
+        resolve_entities=False,
+        load_dtd=False,
+        no_network=True,
+        huge_tree=False,
+    )
+    try:
+        etree.fromstring(content, parser)
+    except etree.XMLSyntaxError as exc:
+        return _DOCTYPE if target.seen else f"not well-formed XML: {exc}"
+    return _DOCTYPE if target.seen else None
 
 
 def _text(element: etree._Element | None) -> str | None:
@@ -183,8 +392,8 @@ def _text(element: etree._Element | None) -> str | None:
     return element.text.strip() or None
 
 
-def _date(path: Path, summary: etree._Element | None, localname: str) -> datetime | None:
-    value = _text(_child(summary, localname))
+def _date(found: _Found, localname: str) -> datetime | None:
+    value = found.summary.get(localname)
     if value is None:
         return None
     try:

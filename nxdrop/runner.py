@@ -20,9 +20,12 @@ import backoff
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, TransientError
 from nxdrop.records import Record
+from nxdrop.redact import Redactor
 from nxdrop.store import AttemptState, Standing, Store, UploadRow
 
 log = logging.getLogger(__name__)
+
+MIN_RETRY_DELAY = 0.2  # seconds, however soon a server asks to be asked again
 
 
 @dataclass
@@ -56,6 +59,7 @@ class DestinationRunner:
         worker: str,
         retry_max_time: float,
         stop: Stop,
+        redactor: Redactor,
     ) -> None:
         self.destination = destination
         self.name = str(destination.name)
@@ -63,6 +67,8 @@ class DestinationRunner:
         self.worker = worker
         self.retry_max_time = retry_max_time
         self.stop = stop
+        self.redactor = redactor
+        self._bugs_told: set[str] = set()  # a bug's traceback is logged once, not per record
 
     def run(self, context: ExportContext, record: Record, standing: Standing) -> ExportResult:
         """Export, update or reconcile; log the attempt; never raises but :class:`Abandoned`."""
@@ -74,6 +80,8 @@ class DestinationRunner:
         started = time.monotonic()
         try:
             result = self._with_retries(context, call)
+            if result.error_message:  # nothing a server echoed is kept: not a secret
+                result = replace(result, error_message=self.redactor.scrub(result.error_message))
         except Abandoned as exc:
             failed = _failed(self.name, exc, context.attempt)
             self.store.finish_attempt(
@@ -133,7 +141,7 @@ class DestinationRunner:
                 result = call()
             except TransientError as exc:
                 delay = (
-                    exc.retry_after
+                    max(exc.retry_after, MIN_RETRY_DELAY)  # "0" must not make a busy loop
                     if exc.retry_after is not None
                     else backoff.full_jitter(next(delays))
                 )
@@ -156,11 +164,14 @@ class DestinationRunner:
             except DestinationError as exc:
                 return _failed(name, exc, attempt)
             except Exception as exc:
-                log.exception(
-                    "destination %s raised",
-                    name,
-                    extra={"SESSION_ID": context.session_identifier, "DESTINATION": name},
-                )
+                bug = f"{type(exc).__name__}: {exc}"
+                if bug not in self._bugs_told:  # a bug: its traceback once, then one line
+                    self._bugs_told.add(bug)
+                    log.exception(
+                        "destination %s raised (a bug; later ones are logged in one line)",
+                        name,
+                        extra={"SESSION_ID": context.session_identifier, "DESTINATION": name},
+                    )
                 return _failed(name, exc, attempt, f"unexpected {type(exc).__name__}: ")
             if not isinstance(result, ExportResult):
                 return ExportResult(

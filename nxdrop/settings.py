@@ -1,25 +1,45 @@
 """Configuration from ``NX_*`` environment variables, an env file and systemd credentials.
 
 Built once by :func:`load_settings` and passed down; nothing reads the environment later.
+A relative path (``NX_*_PATH``, ``NX_CERT_BUNDLE``, the ``*_FILE`` secrets, a SQLite
+``NX_DB_URL``) is taken from the working directory nxdrop was started in, once, here.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nxdrop.exceptions import ConfigError
+from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
 
 ENV_PREFIX = "NX_"
 
 # Secret fields, and the name of their systemd credential ($CREDENTIALS_DIRECTORY/<name>).
 SECRETS = ("cdcs_token", "elabftw_api_key")
+
+# Settings that name a file or folder: a relative one is resolved against the working
+# directory when the settings are loaded (systemd's is ``/``, a shell's wherever it is).
+PATHS = (
+    "data_path",
+    "drop_path",
+    "archive_path",
+    "log_path",
+    "schema_path",
+    "cert_bundle",
+    "cdcs_token_file",
+    "elabftw_api_key_file",
+)
+# Settings where the word ``none`` (any case) switches the thing off.
+OFF_WORD = "none"
 
 
 class Strategy(StrEnum):
@@ -81,10 +101,30 @@ class Settings(BaseSettings):
     settle_seconds: float = Field(default=2.0, gt=0)
     rescan_seconds: float = Field(default=60.0, gt=0)
     stop_timeout: float = Field(default=60.0, gt=0)
+    # An export running, or work waiting unstarted, this long: stuck (no WATCHDOG=1).
+    stuck_seconds: float = Field(default=900.0, gt=0)
     http_timeout: float = Field(default=30.0, gt=0)
     retry_max_time: float = Field(default=120.0, ge=0)
     max_record_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
-    schema_path: Path | None = None
+    # The NexusLIMS schema shipped in the package, unless another file or ``none``.
+    schema_path: Path | None = NEXUS_EXPERIMENT_XSD
+
+    @field_validator("schema_path", "log_path", mode="before")
+    @classmethod
+    def _none_is_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == OFF_WORD:
+            return None
+        return value
+
+    @field_validator(*PATHS, mode="after")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else _absolute(value)
+
+    @field_validator("db_url", mode="after")
+    @classmethod
+    def _absolute_sqlite(cls, value: str | None) -> str | None:
+        return None if value is None else _absolute_sqlite_url(value)
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
@@ -95,8 +135,8 @@ class Settings(BaseSettings):
         for name in SECRETS:
             if getattr(self, name) is None:
                 setattr(self, name, _read_secret(name, getattr(self, f"{name}_file")))
-        if self.cert_bundle is not None and not self.cert_bundle.is_file():
-            raise ValueError(f"NX_CERT_BUNDLE={self.cert_bundle}: no such file")
+        if self.cert_bundle is not None:
+            _check_ca_bundle(self.cert_bundle)
         if self.schema_path is not None and not self.schema_path.is_file():
             raise ValueError(f"NX_SCHEMA_PATH={self.schema_path}: no such file")
         return self
@@ -114,9 +154,12 @@ class Settings(BaseSettings):
         return self.db_url
 
     def secret_values(self) -> list[str]:
-        """Every secret that is set, in clear: what must never be written anywhere."""
+        """Every secret that is set, in clear: what must never be written anywhere (the
+        tokens, and a password in ``NX_DB_URL``)."""
         values = (getattr(self, name) for name in SECRETS)
-        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        secrets = [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+        password = urlsplit(self.database_url).password
+        return [*secrets, unquote(password)] if password else secrets
 
     @property
     def tls_verify(self) -> bool | str:
@@ -124,6 +167,48 @@ class Settings(BaseSettings):
         if self.disable_ssl_verify:
             return False
         return str(self.cert_bundle) if self.cert_bundle else True
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` with ``~`` expanded and, if relative, under the working directory."""
+    try:
+        path = path.expanduser()
+    except RuntimeError as exc:  # no home directory to expand ``~`` to
+        raise ValueError(f"{path}: {exc}") from None
+    if path.is_absolute():
+        return path
+    try:
+        # Not resolve(): a symbolic link in the path stays the operator's choice.
+        return Path.cwd() / path
+    except OSError as exc:  # the working directory was removed
+        raise ValueError(f"{path}: relative, and no working directory: {exc.strerror}") from None
+
+
+def _absolute_sqlite_url(url: str) -> str:
+    """A SQLite URL with a relative file (``sqlite:///nxdrop.db``) made absolute."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.startswith("sqlite") or not rest.startswith("/"):
+        return url  # not SQLite, or not a local file
+    # Peewee takes the file as it is written after the third slash (no %-decoding).
+    database, query, params = rest[1:].partition("?")
+    if not database or database == ":memory:" or database.startswith("/"):
+        return url
+    return f"{scheme}:///{_absolute(Path(database))}{query}{params}"
+
+
+def _check_ca_bundle(path: Path) -> None:
+    """Load ``NX_CERT_BUNDLE`` as TLS will: a bad bundle is a configuration error at start,
+    not a failure of every request later."""
+    if not path.is_file():
+        raise ValueError(f"NX_CERT_BUNDLE={path}: no such file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:  # SSLError is an OSError; both say why
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ValueError(f"NX_CERT_BUNDLE={path}: not a PEM CA bundle: {reason}") from None
+    if not context.cert_store_stats().get("x509"):
+        raise ValueError(f"NX_CERT_BUNDLE={path}: not a PEM CA bundle: no certificate in it")
 
 
 def _read_secret(name: str, path: Path | None) -> SecretStr | None:

@@ -1,26 +1,26 @@
 """The log: ``upload_log`` and ``session_log`` with Peewee, named as in NexusLIMS.
 
-SQLite by default (WAL, a busy timeout, one connection per thread); PostgreSQL by URL.
-Tables are created on first use. Each thread keeps its own connection (Peewee's
-default), and every read or write is one short transaction, so worker threads can write
-at the same time.
+SQLite by default, PostgreSQL by URL; :mod:`nxdrop.database` opens it and carries it
+through its faults. Tables are created (and columns added to older ones) on first use.
+Every read or write is one short statement in its own transaction; the statements of every
+record are written out in SQL, the rest is built with Peewee.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, TypeVar
 
 import peewee
-from playhouse.db_url import connect
 from playhouse.migrate import SchemaMigrator, migrate
 
+from nxdrop.database import Database
 from nxdrop.destinations.base import ExportResult, utcnow
-from nxdrop.exceptions import ConfigError
+from nxdrop.exceptions import DatabaseUnavailable
 from nxdrop.records import Record
 
 
@@ -178,25 +178,47 @@ _Row = TypeVar("_Row", SessionRow, UploadRow)
 
 
 class Store:
-    """The database behind nxdrop, opened from ``NX_DB_URL``."""
+    """The database behind nxdrop, opened from ``NX_DB_URL`` when first used.
+
+    Every method may raise :class:`~nxdrop.exceptions.DatabaseUnavailable` once the database
+    has been down for longer than a statement's retry budget. An attempt whose outcome
+    could not be written then is *in doubt*: once the database is back (:meth:`heal`) it is
+    marked ``interrupted``, so the next attempt looks before it creates.
+    """
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.db = _connect(url)
+        self.database = Database(url, self._prepare)
+        self.db = self.database.db
         self.UploadLog, self.SessionLog = _models(self.db)
         self._timestamp = self.UploadLog.timestamp
-        self._returning = isinstance(self.db, peewee.PostgresqlDatabase)
-        try:
-            with self.db.atomic():
-                self.db.create_tables([self.UploadLog, self.SessionLog], safe=True)
-                _add_missing_columns(self.db, [self.UploadLog, self.SessionLog])
-        except peewee.PeeweeException as exc:
-            raise ConfigError(f"NX_DB_URL: cannot open the database: {exc}") from exc
+        self._in_doubt: set[int] = set()  # attempts whose outcome is not written
+        self._held: set[tuple[str, str]] = set()  # session locks not released
+        self._doubt_lock = threading.Lock()
+
+    def _prepare(self, db: peewee.Database) -> None:
+        db.create_tables([self.UploadLog, self.SessionLog], safe=True)
+        _add_missing_columns(db, [self.UploadLog, self.SessionLog])
+
+    def open(self) -> None:
+        """Connect and make the tables (``ConfigError`` or ``DatabaseUnavailable``)."""
+        self.database.open()
+
+    def probe(self) -> None:
+        """Raise unless the database works again; then settle what was left in doubt."""
+        self.database.open()
+        self.heal()
 
     def close(self) -> None:
         """Close this thread's connection."""
-        if not self.db.is_closed():
-            self.db.close()
+        self.database.close()
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> Any:
+        """One statement, its own transaction (the hot path: no query building)."""
+        return self.database.execute(sql, params)
+
+    def _time(self, value: datetime) -> Any:
+        return self._timestamp.db_value(value)
 
     # -- session_log, and the session lock ---------------------------------------------
 
@@ -214,8 +236,13 @@ class Store:
         return bool(cursor.rowcount)
 
     def unlock_session(self, session_identifier: str, worker: str) -> None:
-        """Release the session if ``worker`` holds it."""
-        self._execute(_UNLOCK, (session_identifier, worker))
+        """Release the session if ``worker`` holds it (once the database is back, if not now)."""
+        try:
+            self._execute(_UNLOCK, (session_identifier, worker))
+        except DatabaseUnavailable:
+            with self._doubt_lock:
+                self._held.add((session_identifier, worker))
+            raise
 
     def set_session(
         self,
@@ -237,47 +264,77 @@ class Store:
 
     def session(self, session_identifier: str) -> SessionRow | None:
         """One session's row, or ``None``."""
-        with self.db.atomic():
-            row = self.SessionLog.get_or_none(
-                self.SessionLog.session_identifier == session_identifier
-            )
+        SessionLog = self.SessionLog
+        row = self.database.run(
+            lambda: SessionLog.get_or_none(SessionLog.session_identifier == session_identifier)
+        )
         return _session_row(row) if row is not None else None
 
     def recent_sessions(self, limit: int = 20) -> list[SessionRow]:
         """The latest sessions, newest first."""
         SessionLog = self.SessionLog
-        with self.db.atomic():
-            rows = list(SessionLog.select().order_by(SessionLog.timestamp.desc()).limit(limit))
-        return [_session_row(r) for r in rows]
+        query = SessionLog.select().order_by(SessionLog.timestamp.desc()).limit(limit)
+        return [_session_row(r) for r in self.database.run(lambda: list(query))]
 
     # -- upload_log --------------------------------------------------------------------
 
     def begin_attempt(
         self, record: Record, destination_name: str, endpoint: str, worker: str
     ) -> int:
-        """Write the in-flight row before a destination is called; its id."""
+        """Write the in-flight row before a destination is called; its id.
+
+        The row's own timestamp identifies it, so an insert whose answer was lost with the
+        connection is found, not made twice.
+        """
+        now = self._time(utcnow())
+        key = (record.session_identifier, destination_name, worker, now)
         params = (
             record.session_identifier,
             destination_name,
             endpoint,
             False,
             AttemptState.IN_FLIGHT.value,
-            self._time(utcnow()),
+            now,
             record.name,
             record.sha256,
             0,
             worker,
         )
-        if self._returning:
-            row = self._execute(_BEGIN + " RETURNING id", params).fetchone()
-            return int(row[0])
-        return int(self._execute(_BEGIN, params).lastrowid)
+        database = self.database
+        sql = _BEGIN.replace("?", database.param)
+
+        def insert() -> int:
+            if database.is_postgres:
+                return int(database.db.execute_sql(sql + " RETURNING id", params).fetchone()[0])
+            return int(database.db.execute_sql(sql, params).lastrowid)
+
+        def inserted() -> int | None:
+            found = database.db.execute_sql(_FIND_ATTEMPT.replace("?", database.param), key)
+            row = found.fetchone()
+            return int(row[0]) if row else None
+
+        return database.run(insert, recheck=inserted)
 
     def finish_attempt(
         self, attempt_id: int, result: ExportResult, state: AttemptState, duration: float
     ) -> None:
         """Record a destination's result on its in-flight row."""
         metadata = json.dumps(result.metadata, default=str, sort_keys=True)
+        try:
+            self._finish(attempt_id, result, state, duration, metadata)
+        except DatabaseUnavailable:
+            with self._doubt_lock:
+                self._in_doubt.add(attempt_id)
+            raise
+
+    def _finish(
+        self,
+        attempt_id: int,
+        result: ExportResult,
+        state: AttemptState,
+        duration: float,
+        metadata: str,
+    ) -> None:
         self._execute(
             _FINISH,
             (
@@ -298,6 +355,8 @@ class Store:
     def standings(self, session_identifier: str) -> dict[tuple[str, str], Standing]:
         """Per (destination, endpoint): the record it holds for this session, if any, and
         whether an attempt was interrupted since. One query for every destination."""
+        if self._in_doubt or self._held:
+            self.heal()
         rows = self._execute(_STANDINGS, (session_identifier,)).fetchall()
         standings: dict[tuple[str, str], Standing] = {}
         for row in rows:
@@ -325,43 +384,37 @@ class Store:
             standings[key] = Standing(latest_success=held)
         return standings
 
-    def _execute(self, sql: str, params: tuple[Any, ...]) -> Any:
-        """One statement, its own transaction (the hot path: no query building)."""
-        return self.db.execute_sql(sql.replace("?", self.db.param), params)
-
-    def _time(self, value: datetime) -> Any:
-        return self._timestamp.db_value(value)
-
     def recover(self, workers: list[str]) -> int:
         """After the processes behind ``workers`` died: their in-flight attempts become
         ``interrupted`` and their session locks are released. The attempts marked."""
-        if not workers:
-            return 0
-        UploadLog, SessionLog = self.UploadLog, self.SessionLog
-        with self.db.atomic():
-            marked = (
-                UploadLog.update(state=AttemptState.INTERRUPTED.value)
-                .where(
-                    (UploadLog.state == AttemptState.IN_FLIGHT.value)
-                    & UploadLog.worker.in_(workers)
-                )
-                .execute()
-            )
-            SessionLog.update(owner=None, owner_since=None).where(
-                SessionLog.owner.in_(workers)
-            ).execute()
-        return int(marked)
+        marked = 0
+        for worker in workers:
+            marked += self._execute(_INTERRUPT_WORKER, (worker,)).rowcount
+            self._execute(_RELEASE_WORKER, (worker,))
+        return marked
+
+    def heal(self) -> None:
+        """Write down what the database missed while it was down: the attempts in doubt
+        become ``interrupted``, the session locks left held are released."""
+        with self._doubt_lock:
+            in_doubt, held = sorted(self._in_doubt), sorted(self._held)
+        for attempt_id in in_doubt:
+            self._execute(_INTERRUPT_ATTEMPT, (attempt_id,))
+        for session, worker in held:
+            self._execute(_UNLOCK, (session, worker))
+        with self._doubt_lock:
+            self._in_doubt.difference_update(in_doubt)
+            self._held.difference_update(held)
 
     def uploads(self, session_identifier: str) -> list[UploadRow]:
         """A session's upload log, oldest first."""
         UploadLog = self.UploadLog
-        with self.db.atomic():
-            rows = list(
-                UploadLog.select()
-                .where(UploadLog.session_identifier == session_identifier)
-                .order_by(UploadLog.id)
-            )
-        return [_upload_row(r) for r in rows]
+        query = (
+            UploadLog.select()
+            .where(UploadLog.session_identifier == session_identifier)
+            .order_by(UploadLog.id)
+        )
+        return [_upload_row(r) for r in self.database.run(lambda: list(query))]
 
 
 # The statements of every record, written out: building them with Peewee's query builder
@@ -397,6 +450,17 @@ _BEGIN = """
 INSERT INTO upload_log (session_identifier, destination_name, endpoint, success, state,
   "timestamp", file_name, file_sha256, attempts, worker)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+_FIND_ATTEMPT = """
+SELECT id FROM upload_log
+WHERE session_identifier = ? AND destination_name = ? AND worker = ? AND "timestamp" = ?"""
+_INTERRUPT_ATTEMPT = f"""
+UPDATE upload_log SET state = '{AttemptState.INTERRUPTED.value}'
+WHERE id = ? AND state = '{AttemptState.IN_FLIGHT.value}'"""
+_INTERRUPT_WORKER = f"""
+UPDATE upload_log SET state = '{AttemptState.INTERRUPTED.value}'
+WHERE worker = ? AND state = '{AttemptState.IN_FLIGHT.value}'"""
+_RELEASE_WORKER = """
+UPDATE session_log SET owner = NULL, owner_since = NULL WHERE owner = ?"""
 _FINISH = """
 UPDATE upload_log SET success = ?, state = ?, "timestamp" = ?, record_id = ?, record_url = ?,
   error_message = ?, metadata_json = ?, status_code = ?, attempts = ?, duration_seconds = ?
@@ -419,30 +483,6 @@ def _add_missing_columns(db: peewee.Database, models: list[Any]) -> None:
         missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
         if missing:
             migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))
-
-
-def _connect(url: str) -> Any:
-    if url.startswith("sqlite:"):
-        path = url.split("://", 1)[-1].split("?", 1)[0]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pragmas = {
-            "journal_mode": "wal",
-            "busy_timeout": 30_000,
-            "cache_size": -1024,  # KiB per connection (one per worker): memory stays flat
-            "synchronous": "normal",
-            "foreign_keys": 1,
-        }
-        try:
-            return connect(url, pragmas=pragmas, timeout=30, field_types={"TIMESTAMPTZ": "TEXT"})
-        except Exception as exc:
-            raise ConfigError(f"NX_DB_URL={url}: {exc}") from exc
-    try:
-        return connect(url)
-    except Exception as exc:
-        # Only the scheme: a PostgreSQL URL may carry a password.
-        scheme = url.split(":", 1)[0]
-        raise ConfigError(f"NX_DB_URL ({scheme}://…): {exc}") from exc
 
 
 def _session_row(row: Any) -> SessionRow:

@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.fixtures.cdcs_server",
     "tests.fixtures.elabftw_fake",
     "tests.fixtures.plugins",
+    "tests.fixtures.relay",
     "tests.fixtures.service",
     "tests.fixtures.world",
 ]
@@ -104,6 +105,7 @@ def make_app(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., A
         assert all(d is not None for d in dests), "not destinations"
         app = build_app(make_settings(**overrides), [d for d in dests if d is not None])
         made.append(app)
+        app.connect()
         return app
 
     yield make

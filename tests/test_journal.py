@@ -356,3 +356,105 @@ def _run(script: str, tmp_path: Path, **env: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stderr
+
+
+# -- hostile names: control characters and bytes that are not UTF-8 --------------------------
+
+FORGED = "evil.xml\n<3>FAKE ERROR cdcs: all records lost\r\n2030-01-01 00:00:00,000 ERROR x"
+UNDECODABLE = os.fsdecode(b"2024-01-01_caf\xe9_\xff.xml")  # Latin-1 bytes, surrogateescape'd
+
+
+def test_a_newline_in_a_name_forges_no_line_in_stderr_or_the_log_file(tmp_path: Path) -> None:
+    script = f"""
+        import logging
+        from nxdrop.journal import setup_logging
+        from nxdrop.settings import load_settings
+        setup_logging(load_settings())
+        log = logging.getLogger("nxdrop.pipeline")
+        log.info("%s → %s: exported", {FORGED!r}, "cdcs", extra={{"FILE": {FORGED!r}}})
+        try:
+            raise RuntimeError("cannot read " + {FORGED!r})
+        except RuntimeError:
+            log.exception("export of %s crashed", {FORGED!r})
+    """
+    stderr = _run(script, tmp_path, NX_LOG_PATH=str(tmp_path / "log"))
+    logfile = (tmp_path / "log" / "nxdrop.log").read_text(encoding="utf-8")
+    assert "evil.xml\\n<3>FAKE ERROR cdcs: all records lost\\r\\n2030-01-01" in stderr
+    for text in (stderr, logfile):
+        lines = text.splitlines()
+        assert not any(line.startswith(("<3>FAKE", "FAKE", "2030-01-01")) for line in lines)
+        assert not any(line.startswith("<6><3>") for line in lines)
+        # The traceback keeps its lines; the exception's words stay on theirs.
+        assert any(
+            line.endswith(
+                "RuntimeError: cannot read evil.xml\\n<3>FAKE ERROR cdcs: "
+                "all records lost\\r\\n2030-01-01 00:00:00,000 ERROR x"
+            )
+            for line in lines
+        )
+    assert stderr.splitlines()[0].startswith("<6>evil.xml\\n<3>FAKE")
+    assert len([line for line in stderr.splitlines() if "→" in line]) == 1
+
+
+def test_a_name_that_is_not_utf8_is_logged_everywhere(tmp_path: Path) -> None:
+    script = f"""
+        import logging
+        from nxdrop.journal import setup_logging
+        from nxdrop.settings import load_settings
+        setup_logging(load_settings())
+        log = logging.getLogger("nxdrop.intake")
+        log.warning("%s: not exported", {UNDECODABLE!r}, extra={{"FILE": {UNDECODABLE!r}}})
+        try:
+            raise OSError("cannot open " + {UNDECODABLE!r})
+        except OSError:
+            log.exception("reading failed")
+    """
+    stderr = _run(script, tmp_path, NX_LOG_PATH=str(tmp_path / "log"))
+    logfile = (tmp_path / "log" / "nxdrop.log").read_text(encoding="utf-8")
+    for text in (stderr, logfile):
+        assert "Logging error" not in text
+        assert "2024-01-01_caf\\xe9_\\xff.xml: not exported" in text
+        assert "OSError: cannot open 2024-01-01_caf\\xe9_\\xff.xml" in text
+
+
+def test_journal_fields_are_escaped_and_still_filterable(
+    make_settings: Callable[..., Settings],
+    journald: FakeJournald,
+    journal_stream: TextIO,
+    root_logging: None,
+) -> None:
+    setup_logging(make_settings(), stream=journal_stream, journal_socket=journald.path)
+    log = logging.getLogger("nxdrop.pipeline")
+    log.warning("%s failed", FORGED, extra={"FILE": FORGED, "SESSION_ID": "s\n1"})
+    log.warning("%s failed", UNDECODABLE, extra={"FILE": UNDECODABLE, "SESSION_ID": "s2"})
+    first, second = journald.receive(), journald.receive()
+    assert "\n" not in first.fields["MESSAGE"]
+    assert first.fields["MESSAGE"].startswith("evil.xml\\n<3>FAKE ERROR")
+    assert first.fields["FILE"] == FORGED.replace("\n", "\\n").replace("\r", "\\r")
+    assert first.fields["SESSION_ID"] == "s\\n1"
+    assert not first.binary  # every field on one line
+    assert second.fields["FILE"] == "2024-01-01_caf\\xe9_\\xff.xml"
+    assert second.fields["SESSION_ID"] == "s2"  # what journalctl SESSION_ID=s2 matches
+    assert second.fields["PRIORITY"] == "4"
+
+
+def test_a_secret_is_masked_before_the_line_is_escaped(tmp_path: Path) -> None:
+    script = f"""
+        import logging
+        from nxdrop.journal import setup_logging
+        from nxdrop.settings import load_settings
+        setup_logging(load_settings())
+        logging.getLogger("nxdrop").error("answer: %s", "a\\n{SECRET}\\tb")
+    """
+    stderr = _run(script, tmp_path, NX_CDCS_TOKEN=SECRET, NX_ELABFTW_API_KEY="k-" + SECRET[::-1])
+    assert stderr.splitlines() == ["<3>answer: a\\n***\\tb"]
+
+
+def test_a_bad_format_string_does_not_break_the_caller(
+    make_settings: Callable[..., Settings], root_logging: None, tmp_path: Path
+) -> None:
+    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stream:
+        setup_logging(make_settings(), stream=stream)
+        logging.getLogger("nxdrop").warning("%d files", "three")  # a bug, not a crash
+        stream.seek(0)
+        assert stream.read() == "<4>'%d files' % ('three',)\n"

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import ssl
+import subprocess
+import sys
 from pathlib import Path
 
+import certifi
 import pytest
 
 from nxdrop.exceptions import ConfigError
+from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
 from nxdrop.settings import Strategy, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_follow_the_state_directory(
@@ -107,7 +116,152 @@ def test_missing_env_file_is_an_error(tmp_path: Path) -> None:
 
 def test_tls_settings(tmp_path: Path) -> None:
     bundle = tmp_path / "ca.pem"
-    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    shutil.copyfile(certifi.where(), bundle)
     assert load_settings().tls_verify is True
     assert load_settings(cert_bundle=bundle).tls_verify == str(bundle)
     assert load_settings(disable_ssl_verify=True).tls_verify is False
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (None, "no such file"),
+        (b"", "not a PEM CA bundle"),
+        (b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n", "PEM"),
+        (b"just some text, not a certificate\n", "not a PEM CA bundle"),
+        (b"\x30\x82\x01\x0a\x02\x82\x01\x01\x00", "not a PEM CA bundle"),  # DER bytes
+    ],
+    ids=["missing", "empty", "broken-pem", "text", "der"],
+)
+def test_a_bad_cert_bundle_is_a_configuration_error_at_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: bytes | None, why: str
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    if content is not None:
+        bundle.write_bytes(content)
+    monkeypatch.setenv("NX_CERT_BUNDLE", str(bundle))
+
+    with pytest.raises(ConfigError, match=rf"NX_CERT_BUNDLE={bundle}: .*{why}"):
+        load_settings()
+
+
+def test_a_cert_bundle_is_what_tls_loads(tmp_path: Path) -> None:
+    one_ca = tmp_path / "one.pem"
+    first = certifi.contents().split("-----END CERTIFICATE-----")[0]
+    one_ca.write_text(first + "-----END CERTIFICATE-----\n")
+    settings = load_settings(cert_bundle=one_ca)
+    context = ssl.create_default_context(cafile=str(settings.tls_verify))
+    assert context.cert_store_stats()["x509"] == 1
+
+
+def test_relative_paths_are_taken_from_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    shutil.copyfile(certifi.where(), tmp_path / "conf" / "ca.pem")
+    shutil.copyfile(NEXUS_EXPERIMENT_XSD, tmp_path / "conf" / "my.xsd")
+    (tmp_path / "conf" / "token").write_text("t0ken")
+    (tmp_path / "conf" / "key").write_text("k3y")
+    for variable, value in {
+        "NX_DATA_PATH": "nxdrop-state",
+        "NX_ARCHIVE_PATH": "./archive",
+        "NX_LOG_PATH": "logs",
+        "NX_SCHEMA_PATH": "conf/my.xsd",
+        "NX_CERT_BUNDLE": "conf/ca.pem",
+        "NX_CDCS_TOKEN_FILE": "conf/token",
+        "NX_ELABFTW_API_KEY_FILE": "conf/key",
+    }.items():
+        monkeypatch.setenv(variable, value)
+
+    s = load_settings(drop_path="incoming")
+    monkeypatch.chdir("/")  # what happens later (a daemon, a chdir) changes nothing
+
+    assert s.data_path == tmp_path / "nxdrop-state"
+    assert s.drop == tmp_path / "incoming"
+    assert s.database_url == f"sqlite:///{tmp_path / 'nxdrop-state' / 'nxdrop.db'}"
+    assert s.archive_path == tmp_path / "archive"
+    assert s.log_path == tmp_path / "logs"
+    assert s.schema_path == tmp_path / "conf" / "my.xsd"
+    assert s.tls_verify == str(tmp_path / "conf" / "ca.pem")
+    assert s.cdcs_token is not None and s.cdcs_token.get_secret_value() == "t0ken"
+    assert s.elabftw_api_key is not None and s.elabftw_api_key.get_secret_value() == "k3y"
+
+
+def test_a_relative_home_path_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NX_ARCHIVE_PATH", "~/nxdrop-archive")
+    assert load_settings().archive_path == tmp_path / "nxdrop-archive"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///state/nx.db", "sqlite:///{cwd}/state/nx.db"),
+        ("sqlite:///nx.db?timeout=5", "sqlite:///{cwd}/nx.db?timeout=5"),
+        ("sqliteext:///nx.db", "sqliteext:///{cwd}/nx.db"),
+        ("sqlite:////var/lib/nxdrop/nx.db", "sqlite:////var/lib/nxdrop/nx.db"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+        ("postgresql://nx@db.example/nx", "postgresql://nx@db.example/nx"),
+    ],
+)
+def test_a_relative_sqlite_database_is_taken_from_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, expected: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NX_DB_URL", url)
+    assert load_settings().database_url == expected.format(cwd=tmp_path)
+
+
+def test_the_quickstart_env_file_keeps_its_state_where_it_is_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(REPO / "examples" / "quickstart.env")
+    monkeypatch.chdir("/")
+
+    assert settings.data_path == tmp_path / "nxdrop-state"
+    assert settings.drop == tmp_path / "nxdrop-state" / "drop"
+    assert settings.archive_path == tmp_path / "nxdrop-archive"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'nxdrop-state' / 'nxdrop.db'}"
+
+
+def test_the_nexuslims_schema_is_checked_unless_switched_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    default = load_settings().schema_path
+    assert default == NEXUS_EXPERIMENT_XSD and default.is_file()
+    monkeypatch.setenv("NX_SCHEMA_PATH", "")  # empty means "not set": the default
+    assert load_settings().schema_path == NEXUS_EXPERIMENT_XSD
+    for off in ("none", "None", "NONE"):
+        monkeypatch.setenv("NX_SCHEMA_PATH", off)
+        assert load_settings().schema_path is None
+    other = tmp_path / "other.xsd"
+    shutil.copyfile(NEXUS_EXPERIMENT_XSD, other)
+    monkeypatch.setenv("NX_SCHEMA_PATH", str(other))
+    assert load_settings().schema_path == other
+    monkeypatch.setenv("NX_LOG_PATH", "none")
+    assert load_settings().log_path is None
+
+
+def test_a_bad_cert_bundle_stops_the_command_with_exit_2(tmp_path: Path) -> None:
+    junk = tmp_path / "ca.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NX_")}
+    env |= {
+        "NX_DATA_PATH": str(tmp_path / "state"),
+        "NX_ARCHIVE_PATH": str(tmp_path / "archive"),
+        "NX_CERT_BUNDLE": str(junk),
+    }
+    for command in (["check"], ["run", "--once"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "nxdrop", *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        assert f"NX_CERT_BUNDLE={junk}: not a PEM CA bundle" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -193,7 +193,7 @@ def test_threads_write_at_once(store: Store, record: Record) -> None:
 
 
 def test_sqlite_uses_wal(tmp_path: Path) -> None:
-    Store(f"sqlite:///{tmp_path / 'sub' / 'nxdrop.db'}")
+    Store(f"sqlite:///{tmp_path / 'sub' / 'nxdrop.db'}").open()
     with sqlite3.connect(tmp_path / "sub" / "nxdrop.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -7,6 +7,11 @@ and renamed into place, so a reader of the archive never sees half a record.
 One session, one record: ``<session>.xml`` is always the latest version of the session's
 record. New content for it replaces it, and the version it replaces is kept beside it as
 ``<session>.v1.xml``, ``<session>.v2.xml``, … (oldest first).
+
+Names: letters and digits of any script, ``.``, ``-`` and ``_`` are kept; anything else
+becomes ``_``, and a session whose name had to change that way gets ``~`` and 8 hex
+digits of a hash of its identifier, so two sessions never share one file. Every name fits
+in 255 bytes, versions and temporary names included (:func:`~nxdrop.fsops.fit_name`).
 """
 
 from __future__ import annotations
@@ -18,16 +23,39 @@ from pathlib import Path
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import PermanentError
-from nxdrop.fsops import fsync_dir, rename_noreplace, write_temporary
+from nxdrop.fsops import (
+    NAME_MAX,
+    fit_name,
+    fsync_dir,
+    rename_noreplace,
+    short_digest,
+    write_temporary,
+)
 from nxdrop.settings import Settings
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# \w of a str pattern: letters and digits of every script, so 試料1 and 実験1 stay two names.
+_UNSAFE_SESSION = re.compile(r"[^\w.-]+")
+_XML = ".xml"
+_VERSION = re.compile(r"\.v\d+$")
+# A session's file name leaves room for its versions, ``.v<n>.xml``, up to n = 999999.
+_STEM_MAX = NAME_MAX - len(".v999999.xml")
 
 
 def _safe_segment(value: str | None, fallback: str) -> str:
     """A path segment that cannot climb out of the archive or hide itself."""
     cleaned = _UNSAFE.sub("_", value or "").strip("._")
-    return cleaned or fallback
+    return fit_name(cleaned or fallback)
+
+
+def _session_stem(session: str) -> str:
+    """The stem of a session's file: its identifier, made safe and unique, and short enough."""
+    cleaned = _UNSAFE_SESSION.sub("_", session).strip("._") or "record"
+    # A session named like a version of another (``x.v1``) is marked too: ``x.v1.xml`` is
+    # session ``x``'s first version.
+    if cleaned != session or _VERSION.search(cleaned):
+        cleaned = f"{cleaned}~{short_digest(session)}"
+    return fit_name(cleaned, limit=_STEM_MAX)
 
 
 class ArchiveDestination(ExportDestination):
@@ -76,7 +104,7 @@ class ArchiveDestination(ExportDestination):
         when = context.dt_from
         year, month = (f"{when.year:04d}", f"{when.month:02d}") if when else ("undated", "00")
         instrument = _safe_segment(context.instrument_pid, "unknown-instrument")
-        name = _safe_segment(context.session_identifier, "record") + ".xml"
+        name = _session_stem(context.session_identifier) + _XML
         return self.root / instrument / year / month / name
 
     def export(self, context: ExportContext) -> ExportResult:
@@ -143,10 +171,10 @@ class ArchiveDestination(ExportDestination):
 def _keep_version(path: Path) -> Path:
     """Keep the file at ``path`` as its next ``.v<n>.xml`` version (unless already kept)."""
     digest = _sha256_of(path)
-    stem = path.name.removesuffix(".xml")
+    stem = path.name.removesuffix(_XML)
     n = 1
     while True:
-        version = path.with_name(f"{stem}.v{n}.xml")
+        version = path.with_name(fit_name(stem, f".v{n}{_XML}"))
         if not version.exists():
             break
         if _sha256_of(version) == digest:

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, PermanentError, TransientError
-from nxdrop.http import HttpClient, check_base_url, join_url
+from nxdrop.http import (
+    HttpClient,
+    RawJsonString,
+    StreamedBody,
+    check_base_url,
+    join_url,
+    json_body,
+)
 
 if TYPE_CHECKING:
     from nxdrop.settings import Settings
@@ -25,6 +32,16 @@ log = logging.getLogger(__name__)
 
 # CDCS pages lists by 10; a title matching more pages than this is not our doing.
 _MAX_PAGES = 50
+# Answers that hold records leave their XML undecoded: compared with the record's bytes a
+# piece at a time, it never costs a record-sized str (or two, or four).
+_XML = ("xml_content",)
+
+
+class _Listed(NamedTuple):
+    """One of the token user's records of a session, as CDCS lists it, without its XML."""
+
+    record: dict[str, Any]
+    same_xml: bool  # whether its XML is exactly the record's bytes
 
 
 class CDCSDestination(ExportDestination):
@@ -85,7 +102,7 @@ class CDCSDestination(ExportDestination):
         except DestinationError as exc:
             return False, str(exc)
         except Exception as exc:  # a check reports, it never raises
-            return False, f"unexpected {type(exc).__name__}: {exc}"
+            return False, self._http().redactor.scrub(f"unexpected {type(exc).__name__}: {exc}")
         return True, None
 
     def export(self, context: ExportContext) -> ExportResult:
@@ -123,7 +140,7 @@ class CDCSDestination(ExportDestination):
 
     def _get(self, path: str, **params: str) -> Any:
         try:
-            return self._http().json("GET", path, params=params or None)
+            return self._http().json("GET", path, params=params or None, raw=_XML)
         except PermanentError as exc:
             if exc.status_code in (401, 403):
                 raise PermanentError(
@@ -193,7 +210,7 @@ class CDCSDestination(ExportDestination):
         checked by :meth:`_settle` against the token user's own records)."""
         why: str | None = None
         try:
-            stored = self._http().json("GET", f"rest/data/{record_id}/")
+            stored = self._http().json("GET", f"rest/data/{record_id}/", raw=_XML)
         except PermanentError as exc:
             # 403: someone else's private record (or a bad token, which the listing in
             # ``_settle`` reports as such). 404: deleted, or a reinstalled server.
@@ -223,10 +240,9 @@ class CDCSDestination(ExportDestination):
         template = self._template_id()
         workspace = self._workspace_id() if self.assign else None
         title = context.session_identifier
-        xml = _text(context)
-        own = self._own_records(title, template)
-        record = next((r for r in own if stored_id and str(r.get("id")) == stored_id), None)
-        if stored_id and record is None:
+        own = self._own_records(title, template, context.content)
+        found = next((r for r in own if stored_id and str(r.record.get("id")) == stored_id), None)
+        if stored_id and found is None:
             log.warning(
                 "CDCS record %s is not among this token's records titled %r (template %s): "
                 "left untouched",
@@ -235,45 +251,64 @@ class CDCSDestination(ExportDestination):
                 template,
                 extra={"SESSION_ID": title, "DESTINATION": self.name, "RECORD_ID": stored_id},
             )
-        if record is None:
-            record = next((r for r in own if r.get("xml_content") == xml), None)
-        if record is None and own:
-            record = max(own, key=_recency)
-        if record is None:
-            record = self._create(title, template, xml)
-        elif record.get("xml_content") != xml:
-            record = self._replace_xml(record, template, xml)
+        if found is None:
+            found = next((r for r in own if r.same_xml), None)
+        if found is None and own:
+            found = max(own, key=lambda r: _recency(r.record))
+        if found is None:
+            record = self._create(title, template, context)
+        elif not found.same_xml:
+            record = self._replace_xml(found.record, template, context)
+        else:
+            record = found.record
         return self._published(record, template, workspace, title)
 
-    def _own_records(self, title: str, template: str) -> list[dict[str, Any]]:
-        """The token user's records with this title and template (CDCS lists no others)."""
-        records: list[dict[str, Any]] = []
+    def _own_records(self, title: str, template: str, content: bytes) -> list[_Listed]:
+        """The token user's records with this title and template (CDCS lists no others),
+        each with whether its XML is exactly ``content``.
+
+        The XML itself is not kept: a session's records may each be as large as a record.
+        """
+        records: list[_Listed] = []
         # Page by number: ``next`` is built from the server's own idea of its URL, which
         # behind a reverse proxy with a sub-path may lack the sub-path.
         for page in range(1, _MAX_PAGES + 1):
             found = self._get("rest/data/", title=title, template=template, page=str(page))
-            records.extend(r for r in found["results"] if r.get("title") == title)
+            for r in found["results"]:
+                xml = r.pop("xml_content", None)
+                if r.get("title") == title:
+                    records.append(_Listed(r, _holds(xml, content)))
             if not found.get("next"):
                 break
         return records
 
-    def _create(self, title: str, template: str, xml: str) -> dict[str, Any]:
-        body = {"template": template, "title": title, "xml_content": xml}
+    def _create(self, title: str, template: str, context: ExportContext) -> dict[str, Any]:
         try:
-            created: dict[str, Any] = self._http().json("POST", "rest/data/", json=body)
+            created: dict[str, Any] = self._http().json(
+                "POST",
+                "rest/data/",
+                data=_xml_body({"template": template, "title": title}, context),
+                raw=_XML,
+            )
         except PermanentError as exc:
             if exc.status_code not in (400, 500):
                 raise
             raise _rejected(exc, template) from exc
+        created.pop("xml_content", None)  # CDCS sends the record back; we have it
         return created
 
-    def _replace_xml(self, record: dict[str, Any], template: str, xml: str) -> dict[str, Any]:
+    def _replace_xml(
+        self, record: dict[str, Any], template: str, context: ExportContext
+    ) -> dict[str, Any]:
         """``PATCH rest/data/<id>/`` with the new XML; CDCS validates it against the
         record's template and keeps its id, title and workspace."""
         record_id = str(record["id"])
         try:
             patched = self._http().json(
-                "PATCH", f"rest/data/{record_id}/", json={"xml_content": xml}
+                "PATCH",
+                f"rest/data/{record_id}/",
+                data=_xml_body({}, context),
+                raw=_XML,
             )
         except PermanentError as exc:
             if exc.status_code not in (400, 500):
@@ -288,7 +323,10 @@ class CDCSDestination(ExportDestination):
                 "RECORD_ID": record_id,
             },
         )
-        return {**record, **patched} if isinstance(patched, dict) else record
+        if not isinstance(patched, dict):
+            return record
+        patched.pop("xml_content", None)
+        return {**record, **patched}
 
     def _published(
         self, record: dict[str, Any], template: str, workspace: str | None, title: str
@@ -317,12 +355,18 @@ class CDCSDestination(ExportDestination):
         )
 
 
-def _text(context: ExportContext) -> str:
-    """The record as CDCS takes it: the file's exact bytes, decoded, never re-serialised."""
+def _xml_body(fields: dict[str, str], context: ExportContext) -> StreamedBody:
+    """``fields`` and the record as CDCS takes it, in JSON: ``xml_content`` is the file's
+    exact bytes, never re-serialised, and never copied whole (escaped as they are sent)."""
     try:
-        return context.content.decode("utf-8")
-    except UnicodeDecodeError as exc:
+        return json_body(fields, "xml_content", context.content)
+    except ValueError as exc:
         raise PermanentError(f"the record is not UTF-8: {exc}") from None
+
+
+def _holds(xml: Any, content: bytes) -> bool:
+    """Whether CDCS's ``xml_content`` (left undecoded) is exactly the record's bytes."""
+    return isinstance(xml, RawJsonString) and xml.equals_utf8(content)
 
 
 def _recency(record: dict[str, Any]) -> tuple[str, str, int]:

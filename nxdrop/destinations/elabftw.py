@@ -26,22 +26,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from contextlib import contextmanager
 from datetime import datetime
 from html import escape
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from urllib3.filepost import encode_multipart_formdata
-
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, PermanentError
-from nxdrop.http import HttpClient, check_base_url, join_url
+from nxdrop.http import HttpClient, check_base_url, join_url, multipart_body
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from nxdrop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,7 +75,6 @@ class ELabFTWDestination(ExportDestination):
         self.category_setting: str | None = None
         self.status_setting: str | None = None
         self.team_setting = "current"
-        self._key: str | None = None
         self._client: HttpClient | None = None
         self._lock = threading.Lock()
         self._ids: tuple[int | None, int | None] | None = None
@@ -95,11 +89,10 @@ class ELabFTWDestination(ExportDestination):
         self.status_setting = (settings.elabftw_experiment_status or "").strip() or None
         self.team_setting = settings.elabftw_team.strip() or "current"
         if url and key is not None and key.get_secret_value():
-            self._key = key.get_secret_value()
             self._client = HttpClient.for_settings(
                 join_url(url, "api/v2"),
                 settings,
-                {"Authorization": self._key, "Accept": "application/json"},
+                {"Authorization": key.get_secret_value(), "Accept": "application/json"},
             )
 
     @property
@@ -122,13 +115,12 @@ class ELabFTWDestination(ExportDestination):
         if not self.enabled:
             return False, self.disabled_reason
         try:
-            with self._scrubbed():
-                self._http.json("GET", "users/me")
-                self._category_status()
+            self._http.json("GET", "users/me")
+            self._category_status()
         except DestinationError as exc:
             return False, str(exc)
         except Exception as exc:  # a check reports, it never raises
-            return False, self._scrub(f"unexpected {type(exc).__name__}: {exc}")
+            return False, self._http.redactor.scrub(f"unexpected {type(exc).__name__}: {exc}")
         return True, None
 
     def export(self, context: ExportContext) -> ExportResult:
@@ -139,16 +131,15 @@ class ELabFTWDestination(ExportDestination):
         session identifier): either is brought up to date in place. Only when there is
         neither is an experiment created.
         """
-        with self._scrubbed():
-            category, status = self._category_status()
-            sha, session = context.sha256, context.session_identifier
-            found = self._find_by_hash(sha, session) or self._find_by_session(session)
-            if found is not None:
-                return self._bring_up_to_date(found, context)
-            cdcs = _cdcs_url(context)
-            experiment_id = self._create(context, sha, cdcs, category, status)
-            upload_id = self._upload(experiment_id, context, sha)
-            return self._result(experiment_id, upload_id, cdcs)
+        category, status = self._category_status()
+        sha, session = context.sha256, context.session_identifier
+        found = self._find_by_hash(sha, session) or self._find_by_session(session)
+        if found is not None:
+            return self._bring_up_to_date(found, context)
+        cdcs = _cdcs_url(context)
+        experiment_id = self._create(context, sha, cdcs, category, status)
+        upload_id = self._upload(experiment_id, context, sha)
+        return self._result(experiment_id, upload_id, cdcs)
 
     def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
         """New content for the session: rewrite the experiment ``previous`` made, in place.
@@ -158,11 +149,10 @@ class ELabFTWDestination(ExportDestination):
         experiment that is gone or is not this session's is left alone: the record is
         exported instead.
         """
-        with self._scrubbed():
-            found = self._ours(previous.record_id, context.session_identifier)
-            if found is None:
-                return self.export(context)
-            return self._bring_up_to_date(found, context)
+        found = self._ours(previous.record_id, context.session_identifier)
+        if found is None:
+            return self.export(context)
+        return self._bring_up_to_date(found, context)
 
     def reconcile(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
         """The same record again: check the experiment ``earlier`` made and add what is new.
@@ -171,11 +161,10 @@ class ELabFTWDestination(ExportDestination):
         when CDCS has one the experiment lacks, and the XML attached again if it was removed.
         Otherwise the record is exported (which continues the session's experiment, if any).
         """
-        with self._scrubbed():
-            found = self._ours(earlier.record_id, context.session_identifier)
-            if found is None or _value(found, SHA_FIELD) != context.sha256:
-                return self.export(context)
-            return self._bring_up_to_date(found, context)
+        found = self._ours(earlier.record_id, context.session_identifier)
+        if found is None or _value(found, SHA_FIELD) != context.sha256:
+            return self.export(context)
+        return self._bring_up_to_date(found, context)
 
     # -- finding our experiment --------------------------------------------------------
 
@@ -305,25 +294,31 @@ class ELabFTWDestination(ExportDestination):
             payload["category"] = category
         if status is not None:
             payload["status"] = status
-        response = self._http.request("POST", "experiments", json=payload)
-        return _id_from_location(response.headers.get("Location"), "POST experiments")
+        reply = self._http.request("POST", "experiments", json=payload)
+        return self._id_from_location(reply.headers.get("Location"), "POST experiments")
 
     def _upload(self, experiment_id: int, context: ExportContext, sha: str) -> int | None:
-        name = f"{context.session_identifier}.xml"
-        fields: dict[str, Any] = {
-            "file": (name, context.content, "application/xml"),
-            "comment": f"NexusLIMS record {context.session_identifier} (sha256 {sha})",
-        }
-        # A fixed boundary: a retried upload sends the same bytes as the first.
-        body, content_type = encode_multipart_formdata(fields, boundary=f"nxdrop{sha[:32]}")
-        response = self._http.request(
-            "POST",
-            f"experiments/{experiment_id}/uploads",
-            data=body,
-            headers={"Content-Type": content_type},
+        """Attach the record: its bytes are sent as they are, never copied into one body."""
+        body = multipart_body(
+            {"comment": f"NexusLIMS record {context.session_identifier} (sha256 {sha})"},
+            "file",
+            f"{context.session_identifier}.xml",
+            context.content,
+            "application/xml",
+            # A fixed boundary: a retried upload sends the same bytes as the first.
+            boundary=f"nxdrop{sha[:32]}",
         )
-        location = response.headers.get("Location")
-        return _id_from_location(location, "POST uploads") if location else None
+        reply = self._http.request("POST", f"experiments/{experiment_id}/uploads", data=body)
+        location = reply.headers.get("Location")
+        return self._id_from_location(location, "POST uploads") if location else None
+
+    def _id_from_location(self, location: str | None, what: str) -> int:
+        """The new id: the last path segment of ``Location`` (its host may not be ours)."""
+        segment = urlsplit(location or "").path.rstrip("/").rpartition("/")[2]
+        if not segment.isdigit():
+            shown = self._http.redactor.cut(location or "", 200)
+            raise PermanentError(f"{what}: no id in the Location header ({shown!r})")
+        return int(segment)
 
     # -- category, status, team ----------------------------------------------------------
 
@@ -385,19 +380,6 @@ class ELabFTWDestination(ExportDestination):
             record_url=join_url(self.site, f"experiments.php?mode=view&id={experiment_id}"),
             metadata={"upload_id": upload_id, "cdcs_url": cdcs},
         )
-
-    # -- the key never leaves in a message (a proxy may echo headers back) -------------
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
-    @contextmanager
-    def _scrubbed(self) -> Iterator[None]:
-        try:
-            yield
-        except DestinationError as exc:
-            exc.args = tuple(self._scrub(str(a)) for a in exc.args)
-            raise
 
 
 def _cdcs_url(context: ExportContext) -> str | None:
@@ -625,11 +607,3 @@ def _attached(experiment: dict[str, Any], sha: str) -> int | None:
         if isinstance(upload, dict) and upload.get("hash") == sha:
             return int(upload["id"])
     return None
-
-
-def _id_from_location(location: str | None, what: str) -> int:
-    """The new id: the last path segment of ``Location`` (its host may not be ours)."""
-    segment = urlsplit(location or "").path.rstrip("/").rpartition("/")[2]
-    if not segment.isdigit():
-        raise PermanentError(f"{what}: no id in the Location header ({location!r})")
-    return int(segment)

@@ -14,6 +14,7 @@ from nxdrop.destinations import ExportContext
 from nxdrop.destinations.archive import ArchiveDestination
 from nxdrop.records import RecordReader
 from nxdrop.settings import Settings
+from tests.test_fsops import LONG_NAMES
 
 
 @pytest.fixture
@@ -175,3 +176,66 @@ def test_enabled_validate_and_reason(
     fine.configure(make_settings(archive_path=tmp_path / "new" / "archive"))
     assert fine.validate_config() == (True, None)
     assert os.access(tmp_path / "new" / "archive", os.W_OK)
+
+
+def long_session_record(drop: Path, corpus: Path, name: str) -> Path:
+    path = drop / name
+    path.write_bytes((corpus / "example_record.xml").read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("name", LONG_NAMES.values(), ids=LONG_NAMES.keys())
+def test_a_255_byte_name_is_archived_with_its_versions_in_names_that_fit(
+    archive: ArchiveDestination, drop: Path, corpus: Path, tmp_path: Path, name: str
+) -> None:
+    path = long_session_record(drop, corpus, name)
+    original = path.read_bytes()
+    first = archive.export(context(path))
+    for n in (1, 2, 3):
+        path.write_bytes(original + f"<!-- correction {n} -->".encode())
+        assert archive.update(context(path), first).record_id == first.record_id
+
+    folder = Path(first.metadata["path"]).parent
+    names = sorted(os.listdir(os.fsencode(folder)))
+    assert len(names) == 4 and all(len(n) <= 255 for n in names)  # no temporary left
+    copy = Path(first.metadata["path"])
+    assert copy.read_bytes() == original + b"<!-- correction 3 -->"
+    versions = sorted(p.read_bytes() for p in folder.iterdir() if p != copy)
+    assert versions == sorted(
+        [original] + [original + f"<!-- correction {n} -->".encode() for n in (1, 2)]
+    )
+    assert Path(first.metadata["path"]).resolve().is_relative_to(tmp_path / "archive")
+
+
+def marker(session: str) -> bytes:
+    return f"<!-- {session.encode().hex()} -->".encode()
+
+
+def test_sessions_whose_names_differ_only_in_characters_made_safe_keep_their_own_files(
+    archive: ArchiveDestination, drop: Path, corpus: Path
+) -> None:
+    sessions = ["試料1", "実験1", "a b", "a_b", "a?b", "x", "x.v1", "-rf", "..", "é"]
+    ids = {}
+    for session in sessions:
+        path = drop / f"{session}.xml"
+        path.write_bytes((corpus / "example_record.xml").read_bytes() + marker(session))
+        ids[session] = archive.export(context(path)).record_id
+
+    assert len(set(ids.values())) == len(sessions)  # one file per session
+    assert ids["試料1"].endswith("/試料1.xml") and ids["a_b"].endswith("/a_b.xml")
+    assert ids["-rf"].endswith("/-rf.xml") and ids["x"].endswith("/x.xml")
+    for session, record_id in ids.items():
+        copy = archive.root / record_id  # type: ignore[operator]
+        assert copy.read_bytes().endswith(marker(session))
+        assert not copy.name.startswith(".")
+
+
+def test_a_huge_instrument_name_still_makes_a_folder(
+    archive: ArchiveDestination, place: Callable[..., Path], tmp_path: Path
+) -> None:
+    ctx = context(place())
+    ctx.instrument_pid = "FEI-" + "Titan" * 100
+    result = archive.export(ctx)
+    instrument = result.record_id.split("/")[0]  # type: ignore[union-attr]
+    assert len(instrument.encode()) <= 255 and instrument.startswith("FEI-Titan")
+    assert Path(result.metadata["path"]).read_bytes() == ctx.content

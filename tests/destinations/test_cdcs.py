@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,11 +15,21 @@ import pytest
 from nxdrop.app import App
 from nxdrop.destinations.base import ExportContext, ExportResult
 from nxdrop.destinations.cdcs import CDCSDestination
-from nxdrop.exceptions import ConfigError, PermanentError, TransientError
+from nxdrop.exceptions import ConfigError, DestinationError, PermanentError, TransientError
 from nxdrop.pipeline import Outcome
 from nxdrop.settings import Settings
 from tests.conftest import RECORDS
+from tests.fixtures.cdcs_fake import FakeCDCS
 from tests.fixtures.cdcs_server import CDCSClient, CDCSServer, SubPathProxy
+from tests.fixtures.hostile import (
+    ECHOES,
+    HostileServer,
+    certificate_authority,
+    echo_authorization,
+    hostile_servers,
+    leaked_parts,
+    relay_to,
+)
 
 cdcs = pytest.mark.cdcs
 Place = Callable[..., Path]
@@ -529,7 +539,8 @@ def test_schema_invalid_record_is_permanent_and_sent_once(
 ) -> None:
     path = record("example_record_curation.xml")
     path.write_bytes(path.read_bytes().replace(b"<project>", b"<bogus/><project>", 1))
-    app = make_app(destination(cdcs_url=cdcs_proxy.url), retry_max_time=30)  # would retry
+    # No schema check of nxdrop's own (NX_SCHEMA_PATH=none): CDCS's check is what is tested.
+    app = make_app(destination(cdcs_url=cdcs_proxy.url), retry_max_time=30, schema_path="none")
 
     report = app.pipeline.process(path)
 
@@ -555,7 +566,8 @@ def test_schema_invalid_update_is_permanent_and_leaves_the_record_as_it_was(
     path = record("example_record_curation.xml")
     session = path.name.removesuffix(".xml")
     v1 = path.read_bytes()
-    app = make_app(destination(cdcs_url=cdcs_proxy.url), retry_max_time=30)  # would retry
+    # No schema check of nxdrop's own (NX_SCHEMA_PATH=none): CDCS's check is what is tested.
+    app = make_app(destination(cdcs_url=cdcs_proxy.url), retry_max_time=30, schema_path="none")
     first = app.pipeline.process(path)
     path.write_bytes(v1.replace(b"<project>", b"<bogus/><project>", 1))
 
@@ -753,6 +765,87 @@ def test_redrop_through_the_pipeline_does_not_publish_twice(
     assert cdcs_proxy.count("POST", CREATE) == 1
     assert cdcs_proxy.count("PATCH", UPDATE) == 0
     assert cdcs_proxy.count("PATCH", ASSIGN) == 1
+
+
+# -- a hostile world: tokens echoed back, certificates nobody trusts ----------------------
+
+ECHOED_TOKEN = "e5c4a1ed0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[..., HostileServer]]:
+    """``hostile(behaviour, tls=None)``: a misbehaving server on 127.0.0.1."""
+    with hostile_servers() as start:
+        yield start
+
+
+@pytest.mark.parametrize("status", [500, 503])
+@pytest.mark.parametrize("kind", ECHOES)
+def test_a_token_echoed_in_an_error_page_never_reaches_the_error(
+    hostile: Callable[..., HostileServer],
+    make_settings: MakeSettings,
+    place: Place,
+    kind: str,
+    status: int,
+) -> None:
+    server = hostile(echo_authorization(kind, status))
+    dest = CDCSDestination()
+    dest.configure(make_settings(cdcs_url=server.url, cdcs_token=ECHOED_TOKEN))
+
+    with pytest.raises(DestinationError) as caught:
+        dest.export(context_for(place(name=f"{unique_session()}.xml")))
+    ok, reason = dest.validate_config()
+
+    assert isinstance(caught.value, PermanentError if status == 500 else TransientError)
+    assert server.authorizations()[0] == f"Token {ECHOED_TOKEN}"  # sent, and echoed back
+    for message in (str(caught.value), reason or ""):
+        assert f"HTTP {status}" in message
+        assert leaked_parts(ECHOED_TOKEN, message) == []
+        assert len(message) < 500  # the server's words in a line, never its page
+    assert not ok
+    if kind == "html":
+        assert "Error: bad header Token ***" in str(caught.value)
+    if kind == "json":
+        assert "invalid credentials Token ***" in str(caught.value)
+
+
+def test_an_untrusted_certificate_fails_the_record_at_once_and_no_token_is_sent(
+    cdcs_fake: FakeCDCS,
+    hostile: Callable[..., HostileServer],
+    make_settings: MakeSettings,
+    make_app: MakeApp,
+    place: Place,
+    drop: Path,
+    tmp_path: Path,
+) -> None:
+    ca = certificate_authority(tmp_path, "127.0.0.1")
+    front = hostile(relay_to(cdcs_fake.port), tls=ca.server)  # CDCS behind TLS
+    url = f"https://127.0.0.1:{front.port}/"
+    session = unique_session()
+
+    def process(**tls: Any) -> tuple[Any, float]:
+        dest = CDCSDestination()
+        dest.configure(make_settings(cdcs_url=url, cdcs_token=cdcs_fake.user_token, **tls))
+        app = make_app(dest, retry_max_time=30)  # a transient failure would be retried
+        started = time.monotonic()
+        report = app.pipeline.process(place(name=f"{session}.xml"))
+        return report, time.monotonic() - started
+
+    refused, took = process()  # no NX_CERT_BUNDLE: the system's CAs
+
+    assert refused.outcome is Outcome.FAILED
+    (result,) = refused.results
+    assert result.attempts == 1
+    assert "certificate of 127.0.0.1" in (result.error_message or "")
+    assert "NX_CERT_BUNDLE" in (result.error_message or "")
+    assert took < 10
+    assert cdcs_fake.requests == []  # not one request, so not one token, reached CDCS
+    assert (drop / "failed" / f"{session}.xml").is_file()
+
+    published, _ = process(cert_bundle=ca.bundle)
+
+    assert published.outcome is Outcome.EXPORTED
+    assert [r["title"] for r in cdcs_fake.records_titled(session)] == [session]
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+import urllib3
 
 from nxdrop.app import App
 from nxdrop.destinations.base import ExportContext, ExportResult
 from nxdrop.destinations.elabftw import ELabFTWDestination
-from nxdrop.exceptions import ConfigError, PermanentError, TransientError
+from nxdrop.exceptions import ConfigError, DestinationError, PermanentError, TransientError
 from nxdrop.pipeline import Outcome
 from nxdrop.records import RecordReader
 from nxdrop.settings import Settings, Strategy
 from tests.fixtures.elabftw_fake import FakeELabFTW, Prism
+from tests.fixtures.hostile import (
+    ECHOES,
+    HostileServer,
+    echo_authorization,
+    hostile_servers,
+    leaked_parts,
+)
 
 SESSION = "2018-11-13_FEI-Titan-TEM_204"
 CDCS_URL = "https://cdcs.example.org/data?id=65a1&x=1"
@@ -410,6 +419,60 @@ def test_search_hits_of_other_sessions_are_left_alone(
     assert {k: v for k, v in elabftw_fake.experiments.items() if k != 5} == before
     assert fields(elabftw_fake.experiments[5])["Session"] == SESSION
     assert not elabftw_fake.calls("PATCH", ".*")
+
+
+# -- a hostile world ---------------------------------------------------------------------
+
+ECHOED_KEY = "3-e5c4a1ed0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def hostile() -> Iterator[Callable[..., HostileServer]]:
+    """``hostile(behaviour, tls=None)``: a misbehaving server on 127.0.0.1."""
+    with hostile_servers() as start:
+        yield start
+
+
+@pytest.mark.parametrize("status", [500, 503])
+@pytest.mark.parametrize("kind", ECHOES)
+def test_a_key_echoed_in_an_error_page_never_reaches_the_error(
+    hostile: Callable[..., HostileServer],
+    make_settings: Callable[..., Settings],
+    place: Callable[..., Path],
+    kind: str,
+    status: int,
+) -> None:
+    server = hostile(echo_authorization(kind, status))
+    dest = ELabFTWDestination()
+    dest.configure(make_settings(elabftw_url=server.url, elabftw_api_key=ECHOED_KEY))
+
+    with pytest.raises(DestinationError) as caught:
+        dest.export(context_for(place(name=f"{SESSION}.xml")))
+    ok, reason = dest.validate_config()
+
+    assert isinstance(caught.value, PermanentError if status == 500 else TransientError)
+    assert server.authorizations()[0] == ECHOED_KEY  # sent, and echoed back
+    for message in (str(caught.value), reason or ""):
+        assert f"HTTP {status}" in message
+        assert leaked_parts(ECHOED_KEY, message) == []
+        assert len(message) < 500  # the server's words in a line, never its page
+    assert not ok
+    if kind == "json":
+        assert "invalid credentials ***" in str(caught.value)
+
+
+def test_the_record_is_uploaded_with_its_length_and_its_exact_bytes(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    path = place(name=f"{SESSION}.xml")
+    destination().export(context_for(path))
+    (upload,) = elabftw_fake.calls("POST", r"experiments/\d+/uploads")
+    assert upload.headers["content-length"] == str(len(upload.body))
+    assert "transfer-encoding" not in upload.headers
+    (attached,) = elabftw_fake.experiments[1]["uploads"]
+    assert attached["content"] == path.read_bytes()
 
 
 # -- category, status, team ------------------------------------------------------------
@@ -858,7 +921,14 @@ def pretend_ours(dest: ELabFTWDestination, sha: str) -> None:
     def answer(response: requests.Response, *args: Any, **kwargs: Any) -> None:
         request = response.request
         if request.method == "GET" and request.path_url == "/api/v2/experiments/42":
-            response._content = json.dumps({**shown, "uploads": []}).encode()
+            # nxdrop streams every answer from ``raw``: the body is replaced there.
+            data = json.dumps({**shown, "uploads": []}).encode()
+            response.close()
+            response.headers["Content-Length"] = str(len(data))
+            response.headers.pop("Content-Encoding", None)
+            response.raw = urllib3.HTTPResponse(
+                io.BytesIO(data), headers=response.headers, status=200, preload_content=False
+            )
 
     assert dest._client is not None
     dest._client.session.hooks["response"].append(answer)

@@ -1,0 +1,366 @@
+"""Reading a record: the NexusLIMS schema by default, every safety check, flat memory, and
+file names made safe to store and show."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
+from nxdrop.exceptions import ConfigError, RecordError
+from nxdrop.records import RecordReader, escape_name, name_problem
+from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
+from nxdrop.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "examples" / "records").glob("*.xml"))
+CORPUS_RECORDS = ("example_record.xml", "example_record_curation.xml")
+
+
+@pytest.fixture
+def reader() -> RecordReader:
+    """A reader as nxdrop builds it from the default settings."""
+    settings = load_settings()
+    return RecordReader(settings.max_record_bytes, settings.schema_path)
+
+
+def test_the_package_ships_the_nexuslims_schema(corpus: Path) -> None:
+    assert NEXUS_EXPERIMENT_XSD.read_bytes() == (corpus / "nexus-experiment.xsd").read_bytes()
+    # It stands alone: nothing else to ship.
+    assert b"<xs:import" not in NEXUS_EXPERIMENT_XSD.read_bytes()
+    assert b"<xs:include" not in NEXUS_EXPERIMENT_XSD.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "source", [*CORPUS_RECORDS, *(p.name for p in EXAMPLES)], ids=lambda name: name
+)
+def test_real_records_pass_the_default_schema(
+    reader: RecordReader, corpus: Path, source: str
+) -> None:
+    path = corpus / source if source in CORPUS_RECORDS else REPO / "examples" / "records" / source
+    record = reader.read(path)
+    assert record.content == path.read_bytes()  # byte for byte, CRLF and all
+    assert record.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert record.instrument_pid == "FEI-Titan-TEM"
+    assert record.user and record.dt_from and record.title
+
+
+def test_what_a_record_says_about_itself(reader: RecordReader, corpus: Path) -> None:
+    record = reader.read(corpus / "example_record.xml", "2018-11-13_FEI-Titan-TEM_204.1.xml")
+    assert record.session_identifier == "2018-11-13_FEI-Titan-TEM_204"
+    assert record.title == "Test record with a multi-dataset file"
+    assert record.user == "Ned Land (ned)"
+    assert record.dt_from == datetime.fromisoformat("2018-11-13T10:00:00-07:00")
+    assert record.dt_to == datetime.fromisoformat("2018-11-13T15:00:00-07:00")
+
+
+def experiment(
+    body: str, namespace: str = "https://data.nist.gov/od/dm/nexus/experiment/v1.0"
+) -> bytes:
+    return f'<?xml version="1.0"?>\n<Experiment xmlns="{namespace}">{body}</Experiment>'.encode()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda xml: xml.replace(
+                b"https://data.nist.gov/od/dm/nexus/experiment/v1.0", b"urn:another:namespace"
+            ),
+            "No matching global declaration available for the validation root",
+        ),
+        (
+            lambda xml: xml.replace(
+                b"<summary",
+                b'<xi:include xmlns:xi="http://www.w3.org/2001/XInclude" href="/etc/passwd" '
+                b'parse="text"/><summary',
+                1,
+            ),
+            "{http://www.w3.org/2001/XInclude}include': This element is not expected",
+        ),
+        (
+            lambda xml: xml.replace(b"</Experiment>", b"<bogus/></Experiment>"),
+            "bogus': This element is not expected",
+        ),
+        (
+            lambda xml: xml.replace(b"2018-11-13T10:00:00-07:00", b"last Tuesday", 1),
+            "reservationStart': 'last Tuesday' is not a valid value",
+        ),
+    ],
+    ids=["other-namespace", "xinclude", "unknown-element", "bad-date"],
+)
+def test_records_the_real_cdcs_refuses_are_refused_with_the_schemas_message(
+    reader: RecordReader,
+    corpus: Path,
+    tmp_path: Path,
+    mutate: Callable[[bytes], bytes],
+    message: str,
+) -> None:
+    path = tmp_path / "x.xml"
+    path.write_bytes(mutate((corpus / "example_record.xml").read_bytes()))
+
+    with pytest.raises(RecordError, match="fails the schema") as refused:
+        reader.read(path)
+    assert message in str(refused.value)
+
+
+class Recording(ExportDestination):
+    """A destination that records every call."""
+
+    name = "recording"
+    priority = 10
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def validate_config(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def export(self, context: ExportContext) -> ExportResult:
+        self.calls.append(context.session_identifier)
+        return ExportResult(success=True, destination_name=self.name)
+
+
+def test_by_default_a_record_outside_the_schema_reaches_no_destination(
+    make_settings: Callable[..., Settings], drop: Path, corpus: Path
+) -> None:
+    from nxdrop.app import build_app
+
+    dest = Recording()
+    app = build_app(make_settings(), [dest])
+    try:
+        other = drop / "other-namespace.xml"
+        other.write_bytes(
+            (corpus / "example_record.xml")
+            .read_bytes()
+            .replace(b"https://data.nist.gov/od/dm/nexus/experiment/v1.0", b"urn:other")
+        )
+        report = app.pipeline.process(other)
+        assert report.error is not None and "fails the schema" in report.error
+        assert dest.calls == []
+        assert (drop / "failed" / "other-namespace.xml").exists()
+    finally:
+        app.close()
+
+
+def test_the_schema_can_be_switched_off_or_replaced(
+    monkeypatch: pytest.MonkeyPatch, corpus: Path, tmp_path: Path
+) -> None:
+    other_ns = tmp_path / "x.xml"
+    other_ns.write_bytes(experiment("<title>t</title>", namespace="urn:other"))
+    monkeypatch.setenv("NX_SCHEMA_PATH", "none")
+    off = load_settings()
+    assert RecordReader(off.max_record_bytes, off.schema_path).read(other_ns).title == "t"
+
+    broken = tmp_path / "broken.xsd"
+    broken.write_text("<xs:schema xmlns:xs='http://www.w3.org/2001/XMLSchema'><xs:element/>")
+    with pytest.raises(ConfigError, match="NX_SCHEMA_PATH"):
+        RecordReader(10**6, broken)
+
+
+@pytest.mark.parametrize("schema", ["default", "none"])
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "the file is empty"),
+        (b" \n\t\r\n", "the file is empty"),
+        (b"<Experiment><title>unclosed", "not well-formed XML: "),
+        (b"<Experiment><title>&undefined;</title></Experiment>", "'undefined' not defined"),
+        (experiment("<title>t</title>") + b"<trailing/>", "Extra content at the end"),
+        (
+            b'<?xml version="1.0"?>\n<!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>\n'
+            b"<Experiment>&e;</Experiment>",
+            "carries a DOCTYPE",
+        ),
+        (b'<!DOCTYPE Experiment SYSTEM "http://127.0.0.1:9/x.dtd"><Experiment/>', "DOCTYPE"),
+        (b'<!DOCTYPE x [<!ENTITY a "aaaa"> <!ENTITY b "&a;&a;', "DOCTYPE"),  # cut short
+        (b"<html><body/></html>", "root element is <html>, not a NexusLIMS <Experiment>"),
+    ],
+    ids=[
+        "empty",
+        "blank",
+        "unclosed",
+        "undefined-entity",
+        "trailing",
+        "doctype-entity",
+        "doctype-dtd",
+        "doctype-broken",
+        "html",
+    ],
+)
+def test_bad_files_are_refused_with_the_precise_reason(
+    tmp_path: Path, schema: str, content: bytes, reason: str
+) -> None:
+    path = tmp_path / "bad.xml"
+    path.write_bytes(content)
+    reader = RecordReader(10**6, NEXUS_EXPERIMENT_XSD if schema == "default" else None)
+
+    with pytest.raises(RecordError) as refused:
+        reader.read(path)
+    assert reason in str(refused.value)
+    assert "root" in reason or "DOCTYPE" in reason or "schema" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda xml: xml[: len(xml) // 2], "not well-formed XML: "),
+        (lambda xml: xml + b"<!-- never closed", "not well-formed XML: "),
+        (lambda xml: xml + b"<?pi", "not well-formed XML: "),
+        (lambda xml: xml.replace(b"<title>", b'<title xmlns:q="">', 1), "Empty XML namespace"),
+        (lambda xml: xml.replace(b"<title>", b'<title xmlns:xml="urn:x">', 1), "xml namespace"),
+    ],
+    ids=["half-written", "open-comment-after-root", "open-pi-after-root", "empty-ns", "xml-ns"],
+)
+def test_what_a_validating_stream_would_let_through_is_refused(
+    reader: RecordReader,
+    corpus: Path,
+    tmp_path: Path,
+    mutate: Callable[[bytes], bytes],
+    reason: str,
+) -> None:
+    # lxml's validating push parser takes each of these for a valid record.
+    path = tmp_path / "x.xml"
+    path.write_bytes(mutate((corpus / "example_record.xml").read_bytes()))
+    with pytest.raises(RecordError, match=reason):
+        reader.read(path)
+
+
+def test_size_limit_symbolic_links_and_fifos(tmp_path: Path, corpus: Path) -> None:
+    reader = RecordReader(1000, NEXUS_EXPERIMENT_XSD)
+    with pytest.raises(RecordError, match="larger than NX_MAX_RECORD_BYTES=1000"):
+        reader.read(corpus / "example_record.xml")
+
+    link = tmp_path / "link.xml"
+    link.symlink_to(corpus / "example_record_curation.xml")  # a valid record behind it
+    with pytest.raises(RecordError, match="symbolic link"):
+        reader.read(link)
+
+    fifo = tmp_path / "fifo.xml"
+    os.mkfifo(fifo)  # no writer: a blocking open would hang for ever
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(reader.read, fifo)
+        with pytest.raises(RecordError, match="not a regular file"):
+            future.result(timeout=30)
+
+
+def test_a_summary_date_that_is_not_a_date_is_refused_without_a_schema(tmp_path: Path) -> None:
+    path = tmp_path / "x.xml"
+    path.write_bytes(experiment("<summary><reservationStart>soon</reservationStart></summary>"))
+    with pytest.raises(RecordError, match="summary/reservationStart 'soon' is not a date"):
+        RecordReader(10**6).read(path)
+
+
+def test_the_first_title_and_summary_count(tmp_path: Path) -> None:
+    path = tmp_path / "x.xml"
+    path.write_bytes(
+        experiment(
+            "<title> first </title><title>second</title>"
+            '<summary><experimenter>Ann</experimenter><instrument pid="A">a</instrument>'
+            "<sub><experimenter>nested, not the summary's own</experimenter></sub></summary>"
+            '<summary><experimenter>Bob</experimenter><instrument pid="B"/></summary>'
+        )
+    )
+    record = RecordReader(10**6).read(path)
+    assert (record.title, record.user, record.instrument_pid) == ("first", "Ann", "A")
+
+
+def test_threads_reading_at_once_each_get_their_own_verdict(
+    reader: RecordReader, corpus: Path, tmp_path: Path
+) -> None:
+    good = corpus / "example_record.xml"
+    bad = tmp_path / "bad.xml"
+    bad.write_bytes(good.read_bytes().replace(b"</Experiment>", b"<bogus/></Experiment>"))
+
+    def verdict(path: Path) -> str:
+        try:
+            reader.read(path)
+        except RecordError as exc:
+            return "bogus" if "bogus" in str(exc) else str(exc)
+        return "ok"
+
+    paths = [good, bad] * 20
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        verdicts = list(pool.map(verdict, paths))
+    assert verdicts == ["ok", "bogus"] * 20
+
+
+MEASURE = textwrap.dedent(
+    """
+    import resource, sys
+    from pathlib import Path
+    from nxdrop.records import RecordReader
+    from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
+    reader = RecordReader(50 * 2**20, NEXUS_EXPERIMENT_XSD)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    record = reader.read(Path(sys.argv[1]))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert record.instrument_pid == "FEI-Titan-TEM"
+    print((after - before) * 1024)
+    """
+)
+
+
+def test_reading_a_large_record_costs_about_its_size_in_memory(
+    corpus: Path, tmp_path: Path
+) -> None:
+    # Many small elements: a tree of them would take about 12 times the file.
+    source = (corpus / "example_record.xml").read_bytes()
+    first = source.index(b"<acquisitionActivity")
+    last = source.rindex(b"</acquisitionActivity>") + len(b"</acquisitionActivity>")
+    copies = (16 * 2**20) // (last - first)
+    big = tmp_path / "big.xml"
+    with big.open("wb") as fh:
+        fh.write(source[:last])
+        for _ in range(copies):
+            fh.write(source[first:last])
+        fh.write(source[last:])
+    size = big.stat().st_size
+
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(big)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+
+    peak = int(result.stdout)
+    assert peak < 2 * size, f"{peak / 2**20:.0f} MiB to read {size / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("name", "shown", "problem"),
+    [
+        ("2024-01-15_FEI-Titan-TEM_9001.xml", "2024-01-15_FEI-Titan-TEM_9001.xml", None),
+        ("-rf --all.xml", "-rf --all.xml", None),
+        ("試料 1.xml", "試料 1.xml", None),
+        (os.fsdecode(b"bad-\xff\xfe.xml"), "bad-\\xff\\xfe.xml", "not valid UTF-8"),
+        ("x\n<3>FAKE ERROR.xml", "x\\n<3>FAKE ERROR.xml", "control characters"),
+        ("tab\tcr\rbell\x07del\x7f.xml", "tab\\tcr\\rbell\\x07del\\x7f.xml", "control"),
+        ("line\u2028sep.xml", "line\\u2028sep.xml", "control characters"),
+        ("back\\slash.xml", "back\\slash.xml", None),
+    ],
+    ids=["nexuslims", "leading-dash", "unicode", "invalid", "newline", "controls", "u2028", "bs"],
+)
+def test_file_names_shown_safely_and_which_cannot_be_a_session(
+    name: str, shown: str, problem: str | None
+) -> None:
+    assert escape_name(name) == shown
+    assert escape_name(name).encode("utf-8")  # storable, as it is
+    assert len(escape_name(name).splitlines()) == 1  # one log line
+    found = name_problem(name)
+    assert (found is None) if problem is None else (found is not None and problem in found)
