@@ -19,6 +19,7 @@ from nxdrop.exceptions import ConfigError, RecordError
 from nxdrop.fsops import base_stem
 
 Signature = tuple[int, int, int]  # size, mtime in ns, inode: "the same file, unchanged"
+TREE_MAX = 4 * 1024 * 1024  # bytes: larger records are streamed, smaller parsed into a tree
 
 
 def _safe_parser() -> etree.XMLParser:
@@ -141,8 +142,11 @@ class RecordReader:
     the package (the settings' ``schema_path``).
     """
 
-    def __init__(self, max_bytes: int, schema_path: Path | None = None) -> None:
+    def __init__(
+        self, max_bytes: int, schema_path: Path | None = None, *, tree_max: int = TREE_MAX
+    ) -> None:
         self.max_bytes = max_bytes
+        self.tree_max = tree_max
         self.schema_path = schema_path
         self._xsd: bytes | None = None
         # A compiled schema per thread: libxml2 keeps validation state in it, and a
@@ -177,6 +181,10 @@ class RecordReader:
             dt_from=_date(found, "reservationStart"),
             dt_to=_date(found, "reservationEnd"),
         )
+
+    @property
+    def _schema_name(self) -> str:
+        return self.schema_path.name if self.schema_path is not None else "schema"
 
     def _schema(self) -> etree.XMLSchema | None:
         if self._xsd is None:
@@ -219,9 +227,41 @@ class RecordReader:
 
     def _parse(self, content: bytes) -> _Found:
         """Check ``content`` and collect what destinations need: well-formed, no DOCTYPE, an
-        ``<Experiment>``, then the schema.
+        ``<Experiment>``, then the schema. A record of up to :data:`TREE_MAX` bytes (every
+        NexusLIMS record there is) is parsed into a tree once, the fastest way; a larger one
+        is streamed, so that its memory stays about its own size."""
+        if len(content) <= self.tree_max:
+            return self._parse_tree(content)
+        return self._parse_stream(content)
 
-        Two streaming passes, neither of which keeps a tree (each element is dropped once it
+    def _parse_tree(self, content: bytes) -> _Found:
+        parser = self._local.__dict__.get("parser")
+        if parser is None:  # lxml parsers are not to be shared between threads
+            parser = self._local.parser = _safe_parser()
+        try:
+            root = etree.fromstring(content, parser)
+        except etree.XMLSyntaxError as exc:
+            raise RecordError(_syntax_problem(content) or f"not well-formed XML: {exc}") from None
+        _check_root(root)
+        found = _Found(complete=True)
+        title = next((c for c in root if _local(c) == "title"), None)
+        summary = next((c for c in root if _local(c) == "summary"), None)
+        found.title = _text(title)
+        for item in summary if summary is not None else ():
+            local = _local(item)
+            if local in _SUMMARY_FIELDS and local not in found.summary:
+                found.summary[local] = _text(item)
+                if local == "instrument":
+                    found.instrument_pid = item.get("pid")
+        schema = self._schema()
+        if schema is not None and not schema.validate(root):
+            errors = [e for e in schema.error_log if e.domain_name.startswith("SCHEMA")]
+            message = errors[0].message if errors else "invalid"
+            raise RecordError(f"fails the schema ({self._schema_name}): {message}")
+        return found
+
+    def _parse_stream(self, content: bytes) -> _Found:
+        """Two streaming passes, neither of which keeps a tree (each element is dropped once it
         is done), so memory stays flat. Not one pass validating while it parses: lxml's
         validating parser takes a file cut short (a half-written record), junk after the
         root, or a broken namespace declaration for a valid record, so the pass without a
@@ -244,8 +284,7 @@ class RecordReader:
                 # The first error is the cause; later ones often follow from it.
                 errors = [e for e in check.error_log if e.domain_name.startswith("SCHEMA")]
                 message = errors[0].message if errors else exc.msg
-                name = self.schema_path.name if self.schema_path is not None else "schema"
-                raise RecordError(f"fails the schema ({name}): {message}") from None
+                raise RecordError(f"fails the schema ({self._schema_name}): {message}") from None
         return found
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import ConfigError, RecordError
-from nxdrop.records import RecordReader, escape_name, name_problem
+from nxdrop.records import TREE_MAX, RecordReader, escape_name, name_problem
 from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
 from nxdrop.settings import Settings, load_settings
 
@@ -26,11 +26,17 @@ EXAMPLES = sorted((REPO / "examples" / "records").glob("*.xml"))
 CORPUS_RECORDS = ("example_record.xml", "example_record_curation.xml")
 
 
+@pytest.fixture(params=[TREE_MAX, 0], ids=["tree", "stream"])
+def tree_max(request: pytest.FixtureRequest) -> int:
+    """Both ways a record is parsed: into a tree (up to TREE_MAX bytes), or streamed."""
+    return int(request.param)
+
+
 @pytest.fixture
-def reader() -> RecordReader:
+def reader(tree_max: int) -> RecordReader:
     """A reader as nxdrop builds it from the default settings."""
     settings = load_settings()
-    return RecordReader(settings.max_record_bytes, settings.schema_path)
+    return RecordReader(settings.max_record_bytes, settings.schema_path, tree_max=tree_max)
 
 
 def test_the_package_ships_the_nexuslims_schema(corpus: Path) -> None:
@@ -202,11 +208,12 @@ def test_the_schema_can_be_switched_off_or_replaced(
     ],
 )
 def test_bad_files_are_refused_with_the_precise_reason(
-    tmp_path: Path, schema: str, content: bytes, reason: str
+    tmp_path: Path, schema: str, content: bytes, reason: str, tree_max: int
 ) -> None:
     path = tmp_path / "bad.xml"
     path.write_bytes(content)
-    reader = RecordReader(10**6, NEXUS_EXPERIMENT_XSD if schema == "default" else None)
+    xsd = NEXUS_EXPERIMENT_XSD if schema == "default" else None
+    reader = RecordReader(10**6, xsd, tree_max=tree_max)
 
     with pytest.raises(RecordError) as refused:
         reader.read(path)
@@ -257,14 +264,16 @@ def test_size_limit_symbolic_links_and_fifos(tmp_path: Path, corpus: Path) -> No
             future.result(timeout=30)
 
 
-def test_a_summary_date_that_is_not_a_date_is_refused_without_a_schema(tmp_path: Path) -> None:
+def test_a_summary_date_that_is_not_a_date_is_refused_without_a_schema(
+    tmp_path: Path, tree_max: int
+) -> None:
     path = tmp_path / "x.xml"
     path.write_bytes(experiment("<summary><reservationStart>soon</reservationStart></summary>"))
     with pytest.raises(RecordError, match="summary/reservationStart 'soon' is not a date"):
-        RecordReader(10**6).read(path)
+        RecordReader(10**6, tree_max=tree_max).read(path)
 
 
-def test_the_first_title_and_summary_count(tmp_path: Path) -> None:
+def test_the_first_title_and_summary_count(tmp_path: Path, tree_max: int) -> None:
     path = tmp_path / "x.xml"
     path.write_bytes(
         experiment(
@@ -274,7 +283,7 @@ def test_the_first_title_and_summary_count(tmp_path: Path) -> None:
             '<summary><experimenter>Bob</experimenter><instrument pid="B"/></summary>'
         )
     )
-    record = RecordReader(10**6).read(path)
+    record = RecordReader(10**6, tree_max=tree_max).read(path)
     assert (record.title, record.user, record.instrument_pid) == ("first", "Ann", "A")
 
 
