@@ -219,9 +219,10 @@ class Database:
 
 
 def _sqlite_path(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL, read as Peewee reads it (``sqlite:////abs``)."""
     if not url.startswith("sqlite:"):
         return None
-    path = url.split("://", 1)[-1].split("?", 1)[0]
+    path = urlsplit(url).path[1:]
     return Path(path) if path and path != ":memory:" else None
 
 

@@ -22,16 +22,18 @@ Signature = tuple[int, int, int]  # size, mtime in ns, inode: "the same file, un
 TREE_MAX = 4 * 1024 * 1024  # bytes: larger records are streamed, smaller parsed into a tree
 
 
+# No entity expansion, no DTD, no network, no huge trees: a record is data, never
+# instructions. Every parse of a record or a schema uses these.
+_SAFE: dict[str, bool] = {
+    "resolve_entities": False,
+    "load_dtd": False,
+    "no_network": True,
+    "huge_tree": False,
+}
+
+
 def _safe_parser() -> etree.XMLParser:
-    # No entity expansion, no DTD, no network: a record is data, never instructions.
-    return etree.XMLParser(
-        resolve_entities=False,
-        load_dtd=False,
-        dtd_validation=False,
-        no_network=True,
-        huge_tree=False,
-        remove_comments=False,
-    )
+    return etree.XMLParser(dtd_validation=False, remove_comments=False, **_SAFE)
 
 
 @dataclass(frozen=True)
@@ -296,13 +298,10 @@ def _stream(
     return etree.iterparse(
         io.BytesIO(content),
         events=events,
-        resolve_entities=False,
-        load_dtd=False,
-        no_network=True,
-        huge_tree=False,
         remove_comments=True,
         remove_pis=True,
         schema=schema,
+        **_SAFE,
     )
 
 
