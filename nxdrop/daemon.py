@@ -3,14 +3,12 @@
 - :class:`~nxdrop.intake.Intake` turns events, settling and rescans into ready paths;
 - :class:`~nxdrop.dispatch.Dispatcher` runs the per-file job on a bounded pool of
   workers, one job per session at a time;
-- :class:`~nxdrop.service.Service` takes signals and talks to systemd.
+- :class:`~nxdrop.service.Service` takes signals and talks to systemd;
+- :class:`~nxdrop.outage.Outage` pauses the work while the database is down.
 
 The main thread owns them all and runs :meth:`Daemon.loop_once`; the observer, the
 workers and the signal handlers only put items into its inbox.
 
-A database that is down pauses the work: a file whose outcome cannot be logged goes back
-into the drop folder, no new one is started, ``STATUS=`` says so, and the database is
-looked at with a growing interval until it works again; then the work resumes by itself.
 Health means progress: the watchdog is fed only while the observer works and no export has
 run, nor work waited unstarted, for longer than ``NX_STUCK_SECONDS``.
 
@@ -27,14 +25,13 @@ import logging
 import queue
 import time
 from collections import Counter
-from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from pathlib import Path
+from datetime import datetime
 
 from nxdrop.app import App
 from nxdrop.dispatch import Dispatcher, Done
 from nxdrop.intake import Intake
+from nxdrop.outage import Outage
 from nxdrop.pipeline import Outcome
 from nxdrop.progress import Progress
 from nxdrop.service import Service
@@ -45,7 +42,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # inbox items handled per loop before the periodic duties run again
 MAX_WAIT = 1.0  # the loop wakes at least this often
-PROBE_FIRST, PROBE_MAX = 0.5, 30.0  # seconds between looks at a database that is down
 
 
 @dataclass(frozen=True)
@@ -79,6 +75,7 @@ class Daemon:
             app.work.drop, settings, self.inbox.put, known=self.dispatcher.__contains__, watch=watch
         )
         self.service = Service(notifier or Notifier(), self._wake)
+        self.outage = Outage(app.connect, self.dispatcher.call)
         self.counts: Counter[Outcome] = Counter()
         self.crashed = 0
         self.stuck = 0  # jobs still running when the daemon gave up waiting for them
@@ -87,13 +84,6 @@ class Daemon:
         self._progress: Progress | None = None
         self._last_progress = time.monotonic()  # a job started or finished, or nothing waited
         self._unhealthy = ""  # why the watchdog is not fed, once said
-        # The database: down since (monotonic), why, and the look at it under way.
-        self._down_since: float | None = None
-        self._down_reason = ""
-        self._deferred: list[Path] = []  # put back while it was down: offered again after
-        self._probe: Future[None] | None = None
-        self._next_probe = 0.0
-        self._probe_delay = PROBE_FIRST
 
     def _wake(self) -> None:
         self.inbox.put(None)
@@ -102,17 +92,7 @@ class Daemon:
 
     def database_down(self, reason: str) -> None:
         """Pause the work until the database works again (said once, in the log and STATUS)."""
-        if self._down_since is not None:
-            self._down_reason = reason
-            return
-        self._down_since, self._down_reason = time.monotonic(), reason
-        self._probe_delay = PROBE_FIRST
-        self._next_probe = self._down_since + self._probe_delay
-        log.error(
-            "the database is unavailable (%s): the work pauses; files wait in the drop "
-            "folder until it is back",
-            reason,
-        )
+        self.outage.begin(reason)
 
     def run(self) -> int:
         """The service, until SIGTERM/SIGINT; 0 on a clean stop."""
@@ -132,7 +112,7 @@ class Daemon:
             self._progress = Progress(found)
             give_up = time.monotonic() + max(10.0, 5 * self.settings.settle_seconds)
             self._feed()
-            while (self._busy() or self._deferred) and not self.service.signals:
+            while (self._busy() or self.outage.deferred) and not self.service.signals:
                 self.loop_once()
                 if self.intake.settling and time.monotonic() > give_up:
                     unsettled = self.intake.give_up_settling()
@@ -212,7 +192,8 @@ class Daemon:
         if self.service.take_hup():
             log.warning("SIGHUP: nxdrop does not reload its configuration; restart the service")
         self._reap()
-        self._watch_database()
+        for path in self.outage.tick() or ():
+            self.intake.again(path)
         self.intake.tick()
         self._feed()
         self.service.tick(self.healthy(), self.status_line)
@@ -226,9 +207,11 @@ class Daemon:
         )
 
     def _wait_time(self) -> float:
-        wakeup = min(self.intake.next_wakeup(), self.service.next_wakeup(self.status_line()))
-        if self._down_since is not None and self._probe is None:
-            wakeup = min(wakeup, self._next_probe)
+        wakeup = min(
+            self.intake.next_wakeup(),
+            self.service.next_wakeup(self.status_line()),
+            self.outage.next_wakeup(),
+        )
         return min(max(0.0, wakeup - time.monotonic()), MAX_WAIT)
 
     def _take_inbox(self, wait: float) -> None:
@@ -248,41 +231,13 @@ class Daemon:
         now = time.monotonic()
         if not (len(self.intake) or self.dispatcher.queued):
             self._last_progress = now  # nothing waits: idle is not a stall
-        if self._stopping or self._down_since is not None:
+        if self._stopping or self.outage.down:
             return
         for _ in range(2):  # fill, start, and fill again: a worker never waits for the loop
             while self.dispatcher.wants() and (path := self.intake.pop()) is not None:
                 self.dispatcher.offer(path)
             if self.dispatcher.pump():
                 self._last_progress = now
-
-    def _watch_database(self) -> None:
-        """While the database is down: look at it now and then, and resume once it works."""
-        if self._down_since is None or self._stopping:
-            return
-        now = time.monotonic()
-        if self._probe is None:
-            if now >= self._next_probe:
-                self._probe = self.dispatcher.call(self.app.connect)
-            return
-        if not self._probe.done():
-            return
-        probe, self._probe = self._probe, None
-        try:
-            probe.result()
-        except Exception as exc:  # DatabaseUnavailable, or a setting that went wrong
-            self._down_reason = str(exc)
-            self._probe_delay = min(self._probe_delay * 2, PROBE_MAX)
-            self._next_probe = now + self._probe_delay
-            log.debug("the database is still unavailable: %s", exc)
-            return
-        log.warning(
-            "the database works again after %.0f s: the work resumes", now - self._down_since
-        )
-        self._down_since = None
-        for path in self._deferred:
-            self.intake.again(path)
-        self._deferred.clear()
 
     def _reap(self) -> None:
         for done in self.dispatcher.reap():
@@ -292,9 +247,7 @@ class Daemon:
         self._last_progress = time.monotonic()
         report = done.report
         if report is not None and report.outcome is Outcome.DEFERRED:
-            self.database_down(report.error or "unknown")
-            if report.moved_to is not None:
-                self._deferred.append(report.moved_to)
+            self.outage.begin(report.error or "unknown", put_back=report.moved_to)
             return
         if report is None:
             self.crashed += 1
@@ -331,7 +284,7 @@ class Daemon:
         if oldest is not None and oldest > limit:
             return f"an export has run for {oldest:.0f} s (NX_STUCK_SECONDS={limit:g})"
         idle = time.monotonic() - self._last_progress
-        if self._down_since is None and idle > limit:
+        if not self.outage.down and idle > limit:
             return f"files wait and nothing has started for {idle:.0f} s"
         return ""
 
@@ -345,9 +298,8 @@ class Daemon:
         parts.append(f"{self.counts[Outcome.EXPORTED]} exported, {failed} failed")
         if self._last:
             parts.append(f"last: {self._last}")
-        if self._down_since is not None:
-            since = datetime.now() - timedelta(seconds=time.monotonic() - self._down_since)
-            parts.insert(0, f"database DOWN since {since:%H:%M:%S} ({self._down_reason})")
+        if self.outage.down:
+            parts.insert(0, self.outage.status())
         if self._stopping:
             parts.append("stopping")
         elif not self.intake.healthy():
