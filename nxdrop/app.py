@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from nxdrop.destinations.base import ExportDestination
 from nxdrop.destinations.registry import Found, discover, enabled_destinations
 from nxdrop.folders import DropFolder, WorkFolder
+from nxdrop.metrics import Metrics
 from nxdrop.pipeline import Pipeline
 from nxdrop.runner import Stop
 from nxdrop.settings import Settings
@@ -27,6 +28,7 @@ class App:
     work: WorkFolder
     pipeline: Pipeline
     stop: Stop
+    metrics: Metrics
     recovered: list[str] = field(default_factory=list)  # dead slots whose log is not yet fixed
 
     def connect(self) -> None:
@@ -78,6 +80,8 @@ def build_app(settings: Settings, destinations: list[ExportDestination] | None =
         destinations = enabled_destinations(found)
     store = Store(settings.database_url)
     work, recovery = WorkFolder.acquire(DropFolder(settings.drop))
-    stop = Stop()
-    pipeline = Pipeline(settings, destinations, store, work, stop=stop)
-    return App(settings, found, destinations, store, work, pipeline, stop, recovery.workers)
+    stop, metrics = Stop(), Metrics()
+    pipeline = Pipeline(settings, destinations, store, work, stop=stop, metrics=metrics)
+    return App(
+        settings, found, destinations, store, work, pipeline, stop, metrics, recovery.workers
+    )

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
 import sys
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
+from nxdrop import status as status_view
 from nxdrop.app import build_app
 from nxdrop.exceptions import DatabaseUnavailable
 from nxdrop.folders import DropFolder
@@ -88,65 +87,93 @@ def retry(settings: Settings, names: list[str] | None) -> int:
     return EXIT_OK
 
 
-def status(settings: Settings, session: str | None, *, as_json: bool, limit: int) -> int:
-    """``nxdrop status [SESSION]``: recent sessions, or one session's upload log."""
+def status(
+    settings: Settings,
+    session: str | None,
+    *,
+    as_json: bool,
+    limit: int,
+    failed: bool = False,
+    since: datetime | None = None,
+    instrument: str | None = None,
+) -> int:
+    """``nxdrop status [SESSION]``: recent sessions, or one session's whole story."""
     store = Store(settings.database_url)
     try:
-        return _status(store, session, as_json=as_json, limit=limit)
+        if session is not None:
+            found = status_view.story(store, DropFolder(settings.drop), session)
+            if found is None:
+                print(f"no session {session!r} in the log", file=sys.stderr)
+                return EXIT_FAILED
+            if as_json:
+                print(status_view.story_json(found))
+            else:
+                status_view.print_story(found, sys.stdout)
+            return EXIT_OK
+        statuses = status_view.NOT_EXPORTED if failed else ()
+        recent = store.recent_sessions(limit, statuses=statuses, since=since, instrument=instrument)
+        rows = status_view.with_owners(recent, DropFolder(settings.drop))
     except DatabaseUnavailable as exc:
         print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
         return EXIT_FAILED
-
-
-def _status(store: Store, session: str | None, *, as_json: bool, limit: int) -> int:
-    columns: tuple[str, ...]
-    if session is None:
-        rows: list[Any] = store.recent_sessions(limit)
-        columns = ("session_identifier", "record_status", "instrument", "user", "timestamp")
-    else:
-        rows = store.uploads(session)
-        columns = (
-            "destination_name",
-            "state",
-            "timestamp",
-            "attempts",
-            "record_url",
-            "error_message",
-        )
-        if not rows and store.session(session) is None:
-            print(f"no session {session!r} in the log", file=sys.stderr)
-            return EXIT_OK
     if as_json:
-        print(json.dumps([asdict(r) for r in rows], default=_json_default, indent=2))
+        print(status_view.sessions_json(rows))
     else:
-        print(
-            _table(
-                columns,
-                [[_cell(getattr(r, c), whole=c == "record_url") for c in columns] for r in rows],
-            )
-        )
+        status_view.print_sessions(rows, sys.stdout)
     return EXIT_OK
 
 
-def _json_default(value: object) -> str:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
+def status_page(settings: Settings, path: Path, *, days: int) -> int:
+    """``nxdrop status --html FILE``: one self-contained page for people without a terminal."""
+    from nxdrop.report import write_report
+
+    store = Store(settings.database_url)
+    try:
+        write_report(store, path, days=days)
+    except DatabaseUnavailable as exc:
+        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"wrote {path}")
+    return EXIT_OK
 
 
-def _cell(value: object, *, whole: bool = False) -> str:
-    """A table cell: times local, long text cut (a URL never: it is there to be copied)."""
-    if value is None:
-        return "-"
-    if isinstance(value, datetime):
-        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-    text = str(value).replace("\n", " ")
-    return text if whole or len(text) <= 60 else text[:59] + "…"
+def backfill(
+    settings: Settings,
+    destination: str,
+    *,
+    since: datetime | None,
+    sessions: list[str],
+    dry_run: bool,
+) -> int:
+    """``nxdrop backfill DESTINATION``: 0 when every missing record was sent, else 1."""
+    from nxdrop.backfill import Backfill
+    from nxdrop.service import STOP_SIGNALS
 
-
-def _table(columns: tuple[str, ...], rows: list[list[str]]) -> str:
-    if not rows:
-        return "(nothing logged yet)"
-    header = [c.upper().replace("_", " ") for c in columns]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    app = build_app(settings)
+    try:
+        app.connect()
+        job = Backfill(app, destination)
+        todo = job.candidates(since=since, sessions=sessions)
+        if dry_run:
+            for session, path in todo:
+                print(f"would send {session} ({path.name})")
+            print(f"backfill {destination}: {len(todo)} records would be sent (dry run)")
+            return EXIT_OK
+        progress = Progress(len(todo))
+        previous = {sig: signal.signal(sig, lambda *_: app.stop.request()) for sig in STOP_SIGNALS}
+        try:
+            summary = job.run(todo, progress.advance)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    except DatabaseUnavailable as exc:
+        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        app.close()
+    print(
+        f"backfill {destination}: {summary.sent} of {summary.candidates} sent"
+        + (f", {len(summary.failed)} failed" if summary.failed else "")
+        + (f", {summary.left} left (stopped; run it again to go on)" if summary.left else "")
+    )
+    return EXIT_OK if summary.ok else EXIT_FAILED

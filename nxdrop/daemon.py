@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # inbox items handled per loop before the periodic duties run again
 MAX_WAIT = 1.0  # the loop wakes at least this often
+TEXTFILE_EVERY = 15.0  # seconds between writes of the metrics for node_exporter
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Daemon:
         self._progress: Progress | None = None
         self._last_progress = time.monotonic()  # a job started or finished, or nothing waited
         self._unhealthy = ""  # why the watchdog is not fed, once said
+        self._next_textfile = 0.0
 
     def _wake(self) -> None:
         self.inbox.put(None)
@@ -123,6 +125,8 @@ class Daemon:
     def start(self) -> None:
         """Watch, scan, start exporting, and tell systemd we are ready."""
         s = self.settings
+        if s.metrics_address:
+            self.app.metrics.serve(s.metrics_address)
         self.intake.start()
         self._feed()
         log.info(
@@ -182,6 +186,8 @@ class Daemon:
                 self.stuck,
                 back,
             )
+        self._measure(final=True)
+        self.app.metrics.close()
         if loud:
             log.info("stopped: %s", self.status_line())
 
@@ -197,6 +203,19 @@ class Daemon:
         self.intake.tick()
         self._feed()
         self.service.tick(self.healthy(), self.status_line)
+        self._measure()
+
+    def _measure(self, *, final: bool = False) -> None:
+        """Bring the gauges up to date; write the textfile now and then."""
+        metrics = self.app.metrics
+        metrics.queued.set(len(self.intake) + self.dispatcher.queued)
+        metrics.in_flight.set(self.dispatcher.running)
+        metrics.database_up.set(0 if self.outage.down else 1)
+        path = self.settings.metrics_textfile
+        now = time.monotonic()
+        if path is not None and (final or now >= self._next_textfile):
+            self._next_textfile = now + TEXTFILE_EVERY
+            metrics.write(path)
 
     def _busy(self) -> bool:
         return bool(
@@ -253,6 +272,8 @@ class Daemon:
             self.crashed += 1
         else:
             self.counts[report.outcome] += 1
+            if report.outcome is not Outcome.GONE:
+                self.app.metrics.records.labels(report.outcome.value).inc()
             if report.outcome is not Outcome.GONE:
                 when = datetime.now().strftime("%H:%M:%S")
                 self._last = f"{done.path.name} {report.outcome.value} at {when}"

@@ -44,7 +44,7 @@ from nxdrop.fsops import (
     rename_noreplace,
     write_atomically,
 )
-from nxdrop.records import escape_name
+from nxdrop.records import escape_name, session_identifier_of
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ PARTIAL_SUFFIXES = (".part", ".tmp", "~")
 _UNSAFE_HOST = re.compile(r"[^A-Za-z0-9._-]+")
 # Room for ``-<n>.lock`` after the host part of a slot name.
 _HOST_MAX = 200
+
+
+def host_prefix(host: str | None = None) -> str:
+    """The start of this host's slot names: its name, made safe for a file name."""
+    return _UNSAFE_HOST.sub("_", host or socket.gethostname())[:_HOST_MAX] or "host"
 
 
 def error_file_for(record_path: Path) -> Path:
@@ -148,6 +153,38 @@ class DropFolder:
             error_file_for(source).unlink(missing_ok=True)
         return moved
 
+    def slot_alive(self, worker: str) -> bool | None:
+        """Whether the process that holds slot ``worker`` lives; ``None`` for another host's
+        slot (only the database could tell)."""
+        prefix, _, number = worker.rpartition("-")
+        if prefix != host_prefix() or not number.isdigit():
+            return None
+        lock = self.work / f"{worker}.lock"
+        if not lock.exists():
+            return False
+        fd = _try_lock(lock)
+        if fd is None:
+            return True
+        os.close(fd)  # it was free: its process is gone
+        return False
+
+    def places(self, session: str) -> list[tuple[str, Path]]:
+        """Where the files of ``session`` are now: ``drop``, ``working`` (being exported, or
+        left by a process that stopped), ``uploaded``, ``failed`` (its newest first in each)."""
+        found: list[tuple[str, Path]] = []
+        folders = [("drop", self.path), ("uploaded", self.uploaded), ("failed", self.failed)]
+        if self.work.is_dir():
+            folders[1:1] = [("working", slot) for slot in sorted(self.work.iterdir())]
+        for place, folder in folders:
+            try:
+                entries = [e for e in os.scandir(folder) if is_record_name(e.name)]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            mine = [e for e in entries if escape_name(session_identifier_of(e.name)) == session]
+            mine.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime, reverse=True)
+            found += [(place, folder / e.name) for e in mine]
+        return found
+
     def _failed_records(self) -> Iterator[Path]:
         with os.scandir(self.failed) as it:
             for entry in it:
@@ -207,7 +244,7 @@ class WorkFolder:
         for folder in (drop.path, drop.uploaded, drop.failed, drop.work):
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, "not writable by this user", str(folder))
-        prefix = _UNSAFE_HOST.sub("_", host or socket.gethostname())[:_HOST_MAX] or "host"
+        prefix = host_prefix(host)
         recovery = Recovery()
         mine: WorkFolder | None = None
         for n in count():

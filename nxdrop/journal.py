@@ -8,14 +8,21 @@ token that reaches a message, a traceback or a field is never written anywhere; 
 control characters and lone surrogates, so a file name with a newline cannot forge a line of
 its own (``<3>FAKE ERROR``) and one that is not UTF-8 never turns a line into
 "--- Logging error ---".
+
+Unless ``NX_LOG_PATH=none``, every line also goes to ``nxdrop.log`` in ``NX_LOG_PATH``
+(``$NX_DATA_PATH/logs`` by default, as NexusLIMS keeps its log), rotated at
+:data:`LOG_MAX_BYTES` with :data:`LOG_BACKUPS` older files kept (:class:`LogFileHandler`).
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
+import io
 import logging
+import logging.handlers
 import os
 import re
 import socket
@@ -24,9 +31,11 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
+from nxdrop.exceptions import ConfigError
 from nxdrop.redact import Redactor
 from nxdrop.settings import Settings
 
@@ -256,6 +265,159 @@ class JournalHandler(logging.Handler):
         super().close()
 
 
+# The log file: its name in NX_LOG_PATH, and the bound on the disk it takes (the file being
+# written and LOG_BACKUPS older ones, nxdrop.log.1 the newest: 60 MiB in all).
+LOG_FILE = "nxdrop.log"
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TerminalHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on a terminal, below which a status line (a progress bar) stays.
+
+    A log line is written where the status line was, which is then drawn again under it,
+    so neither is written onto the other.
+    """
+
+    CLEAR = "\r\x1b[K"  # to the start of the line, and erase it
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.status = ""
+
+    def show(self, status: str, *, final: bool = False) -> None:
+        """Draw ``status`` in place of the last one; ``final`` leaves it and ends the line."""
+        self.acquire()
+        try:
+            self.stream.write(self.CLEAR + status + ("\n" if final else ""))
+            self.status = "" if final else status
+            self.flush()
+        finally:
+            self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.status:
+            super().emit(record)
+            return
+        self.stream.write(self.CLEAR)
+        super().emit(record)
+        self.stream.write(self.status)
+        self.flush()
+
+    @classmethod
+    def of(cls, stream: TextIO) -> TerminalHandler | None:
+        """The root logger's handler writing to ``stream``, if it is one of these."""
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, cls) and handler.stream is stream:
+                return handler
+        return None
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """``nxdrop.log``, rotated by size, that follows its path when the file is moved away.
+
+    Rotation by size in the process rather than ``WatchedFileHandler`` plus a logrotate
+    snippet: the bound on the disk then holds wherever nxdrop runs (a quick start, a
+    container, a host where nobody installed the snippet), and it is the bound NexusLIMS
+    users know from its own log. What ``RotatingFileHandler`` alone gets wrong is a file
+    moved under it: it keeps writing into the file it opened, so after an operator's ``mv``
+    or ``rm``, a logrotate rule set up anyway, or a rotation by another nxdrop process
+    sharing the file (``nxdrop export`` run by hand next to the daemon), the lines would go
+    into a renamed or deleted file. So before each line the path is checked, as
+    ``WatchedFileHandler`` does, and reopened when it no longer names the open file. The
+    file is opened for appending (``O_APPEND``), so a logrotate ``copytruncate`` is safe too.
+    """
+
+    def __init__(
+        self, folder: Path, *, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS
+    ) -> None:
+        self._identity: tuple[int, int] | None = None
+        self._failing = False  # a write failed: said once on stderr, until one works again
+        self._ok = True
+        # Opened here, not on the first line: a folder nxdrop cannot write is an error at
+        # start (exit 2), not a surprise in the middle of the night.
+        super().__init__(
+            folder / LOG_FILE,
+            maxBytes=max_bytes,
+            backupCount=backups,
+            encoding="utf-8",
+            errors="backslashreplace",  # a stray surrogate must never lose a line
+        )
+        self.setFormatter(logging.Formatter(LOG_FORMAT))
+
+    def _open(self) -> io.TextIOWrapper:
+        stream = super()._open()
+        st = os.fstat(stream.fileno())
+        self._identity = (st.st_dev, st.st_ino)
+        return stream
+
+    def _follow_path(self) -> None:
+        """Reopen the file if its path now names another file, or none (it was moved)."""
+        try:
+            st = os.stat(self.baseFilename)
+            same = (st.st_dev, st.st_ino) == self._identity
+        except FileNotFoundError:
+            same = False
+        if same and self.stream is not None:
+            return
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            # Flushes into the moved file, where the earlier lines are; if its disk is gone,
+            # nothing more can reach it anyway.
+            with contextlib.suppress(OSError):
+                stream.close()
+        self.stream = self._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._ok = True
+        try:
+            self._follow_path()
+        except OSError:
+            self.handleError(record)
+            return
+        super().emit(record)  # rotates first when this line would pass the limit
+        if self._ok and self._failing:
+            self._failing = False
+            _warn(f"writing {self.baseFilename} again")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A full disk or a removed folder: one line on stderr (the journal, under systemd)
+        rather than a traceback for every log line; the other handlers still get them."""
+        self._ok = False
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if not self._failing:
+            self._failing = True
+            reason = error.strerror or str(error)
+            _warn(f"cannot write {self.baseFilename}: {reason}; until it works, only stderr")
+
+
+def _warn(message: str) -> None:
+    """A warning about the log file itself, straight to stderr (logging would recurse)."""
+    try:
+        prefix = "" if sys.stderr.isatty() else "<4>"
+        sys.stderr.write(f"{prefix}nxdrop: {escape_controls(message)}\n")
+    except (OSError, ValueError, AttributeError):
+        pass  # no stderr either: nowhere left to say it
+
+
+def open_log_file(folder: Path) -> LogFileHandler:
+    """The handler of ``folder/nxdrop.log``, the folder made if need be; a folder that
+    cannot be made or written is a :class:`ConfigError` naming ``NX_LOG_PATH``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return LogFileHandler(folder)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"NX_LOG_PATH={folder}: cannot write {LOG_FILE} there: {reason} "
+            "(NX_LOG_PATH=none switches the log file off)"
+        ) from None
+
+
 def stderr_is_journal(
     stream: TextIO | None = None, environ: Mapping[str, str] | None = None
 ) -> bool:
@@ -284,9 +446,13 @@ def setup_logging(
     """Configure the root logger once per process for the daemon and the commands.
 
     The journal when ``NX_LOG_TARGET=journal``, or with ``auto`` (the default) when stderr
-    is connected to it; otherwise ``stream`` (stderr). ``journal_socket`` is for tests.
+    is connected to it; otherwise ``stream`` (stderr). And ``nxdrop.log`` in
+    ``NX_LOG_PATH`` unless it is ``none``: a folder that cannot be written there raises
+    :class:`ConfigError`. ``journal_socket`` is for tests.
     """
     stream = stream or sys.stderr
+    # First, so that a log folder nxdrop cannot write leaves logging as it was.
+    file_handler = None if settings.log_path is None else open_log_file(settings.log_path)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -301,22 +467,16 @@ def setup_logging(
     if journal and not missing:
         handler = JournalHandler(journal_socket)
     else:
-        handler = logging.StreamHandler(stream)
-        tty = stream.isatty()
-        handler.setFormatter(
-            logging.Formatter("%(levelname)-7s %(message)s") if tty else PriorityFormatter()
-        )
+        if stream.isatty():
+            handler = TerminalHandler(stream)
+            handler.setFormatter(logging.Formatter("%(levelname)-7s %(message)s"))
+        else:
+            handler = logging.StreamHandler(stream)
+            handler.setFormatter(PriorityFormatter())
     handler.addFilter(redact)
     root.addHandler(handler)
-    if settings.log_path is not None:
-        settings.log_path.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(
-            settings.log_path / "nxdrop.log", encoding="utf-8", errors="backslashreplace"
-        )
-        file_handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
-        file_handler.addFilter(redact)
+    if file_handler is not None:
+        file_handler.addFilter(redact)  # the same filter: secrets masked, controls escaped
         root.addHandler(file_handler)
     for noisy in ("urllib3", "watchdog", "peewee"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -24,6 +24,7 @@ from typing import Any
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult, utcnow
 from nxdrop.exceptions import DatabaseUnavailable, RecordError
 from nxdrop.folders import DropFolder, WorkFolder
+from nxdrop.metrics import Metrics
 from nxdrop.records import (
     Record,
     RecordReader,
@@ -113,6 +114,7 @@ class Pipeline:
         work: WorkFolder,
         *,
         stop: Stop | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.strategy = settings.export_strategy
@@ -129,6 +131,7 @@ class Pipeline:
                 retry_max_time=settings.retry_max_time,
                 stop=self.stop,
                 redactor=Redactor.from_settings(settings),
+                metrics=metrics or Metrics(),
             )
             for d in destinations
         ]
@@ -174,9 +177,15 @@ class Pipeline:
 
     def _locked(self, file: _File) -> FileReport:
         """Hold the session in the database while the file runs."""
+        with self._holding(file):
+            return self._run(file)
+
+    @contextlib.contextmanager
+    def _holding(self, file: _File, *, mark: bool = True) -> Iterator[None]:
+        """The session's lock in the database, waited for while another process has it."""
         worker = self.work.worker
         waiting = False
-        while not self.store.lock_session(file.session, worker, file.shown):
+        while not self.store.lock_session(file.session, worker, file.shown, mark=mark):
             if not waiting:
                 waiting = True
                 log.info(
@@ -188,9 +197,37 @@ class Pipeline:
             if self.stop.requested.wait(LOCK_POLL_SECONDS):
                 raise Abandoned("nxdrop stopped while another process held the session")
         try:
-            return self._run(file)
+            yield
         finally:
             self.store.unlock_session(file.session, worker)
+
+    def resend(self, path: Path, destination: str) -> ExportResult:
+        """Send the exported record at ``path`` (left where it is) to ``destination`` alone,
+        with what the other destinations hold of its session as their earlier results (the
+        CDCS link, say): the backfill of a destination added later.
+
+        Raises ``RecordError``, :class:`Abandoned` and ``DatabaseUnavailable``.
+        """
+        runner = next((r for r in self.runners if r.name == destination), None)
+        if runner is None:
+            raise ValueError(f"no enabled destination named {destination!r}")
+        name = path.name
+        shown, session = escape_name(name), escape_name(session_identifier_of(name))
+        file = _File(path, name, shown, session, path, claimed=False)
+        with self.sessions.hold(session), self._holding(file, mark=False):
+            problem = name_problem(name)
+            if problem is not None:
+                raise RecordError(problem)
+            record = self.reader.read(path, name)
+            standings = self.store.standings(session)
+            earlier: dict[str, ExportResult] = {}
+            for other in self.runners:
+                held = standings.get((other.name, other.destination.endpoint), Standing())
+                if other is not runner and held.latest_success is not None:
+                    earlier[other.name] = held.latest_success.as_result()
+            standing = standings.get((runner.name, runner.destination.endpoint), Standing())
+            context = replace(ExportContext.for_record(record), previous_results=earlier)
+            return runner.run(context, record, standing)
 
     def _run(self, file: _File) -> FileReport:
         problem = name_problem(file.name)

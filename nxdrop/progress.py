@@ -5,9 +5,15 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from nxdrop.journal import TerminalHandler
+
 
 class Progress:
-    """``[#####.....] 12/500 exported 11, failed 1`` redrawn in place on a TTY."""
+    """``[#####.....] 12/500 exported 11, not exported 1`` redrawn in place on a TTY.
+
+    Where log lines go to the same terminal, the bar is drawn through their handler, which
+    clears it before a line and draws it again below (:class:`~nxdrop.journal.TerminalHandler`).
+    """
 
     def __init__(self, total: int, stream: TextIO | None = None, width: int = 30) -> None:
         self.total, self.width = total, width
@@ -23,10 +29,14 @@ class Progress:
             return
         filled = self.width * self.done // max(self.total, 1)
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(
-            f"\r[{bar}] {self.done}/{self.total} exported {self.ok}, "
+        line = (
+            f"[{bar}] {self.done}/{self.total} exported {self.ok}, "
             f"not exported {self.done - self.ok}"
         )
-        if self.done == self.total:
-            self.stream.write("\n")
+        final = self.done == self.total
+        handler = TerminalHandler.of(self.stream)
+        if handler is not None:
+            handler.show(line, final=final)
+            return
+        self.stream.write(TerminalHandler.CLEAR + line + ("\n" if final else ""))
         self.stream.flush()

@@ -1,5 +1,6 @@
-"""Reading a record: the file's bytes, read once and parsed safely as a stream, into what
-destinations need; and file names made safe to store, show and log."""
+"""Reading a record: the file's bytes, read once and parsed once, safely, into what
+destinations need (its summary, its acquisition activities); and file names made safe to
+store, show and log."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from lxml import etree
 
+from nxdrop.activities import AcquisitionActivity, ActivityCollector, annotated
 from nxdrop.exceptions import ConfigError, RecordError
 from nxdrop.fsops import base_stem
 
@@ -36,6 +38,13 @@ def _safe_parser() -> etree.XMLParser:
     return etree.XMLParser(dtd_validation=False, remove_comments=False, **_SAFE)
 
 
+def _record_parser() -> etree.XMLParser:
+    """The tree parser of records: as the stream (:func:`_stream`), it keeps no comments and
+    no processing instructions, so that a value split by one (``2<!-- -->.5``) reads the
+    same both ways: whole, as XML means it."""
+    return etree.XMLParser(dtd_validation=False, remove_comments=True, remove_pis=True, **_SAFE)
+
+
 @dataclass(frozen=True)
 class Record:
     """One experiment record, read from the drop folder.
@@ -43,6 +52,8 @@ class Record:
     ``content`` is the file's exact bytes (CRLF and all): destinations send these. ``path``
     is where the bytes were read (the working folder), ``name`` the file's name in the drop
     folder, and ``signature`` the file's size, mtime and inode when it was read.
+    ``activities`` are its ``<acquisitionActivity>`` elements, and ``metadata`` what else
+    its head says (:data:`METADATA_KEYS`), both read in the same parse.
     """
 
     path: Path
@@ -56,6 +67,8 @@ class Record:
     user: str | None
     dt_from: datetime | None
     dt_to: datetime | None
+    activities: tuple[AcquisitionActivity, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict, hash=False)
 
     def changed(self) -> bool:
         """Whether the file at :attr:`path` is no longer what was read (rewritten in place)."""
@@ -138,10 +151,11 @@ def signature_of(path: Path) -> Signature | None:
 class RecordReader:
     """Reads and checks records; built once from the settings (the XSD is read once).
 
-    The file is read once and parsed as a stream, each element dropped once it is done, so
-    reading costs the file's bytes (which the destinations send) and little more, however
-    many elements the record has. By default the schema is the NexusLIMS one shipped in
-    the package (the settings' ``schema_path``).
+    The file is read once and parsed once: into a tree up to ``tree_max`` bytes, streamed
+    above, each element dropped once it is done. Reading a large record costs the file's
+    bytes (which the destinations send) and its activities in their packed form (about a
+    third of their XML), however many elements it has. By default the schema is the
+    NexusLIMS one shipped in the package (the settings' ``schema_path``).
     """
 
     def __init__(
@@ -182,6 +196,8 @@ class RecordReader:
             user=found.summary.get("experimenter"),
             dt_from=_date(found, "reservationStart"),
             dt_to=_date(found, "reservationEnd"),
+            activities=tuple(found.activities.activities),
+            metadata=found.metadata(),
         )
 
     @property
@@ -239,16 +255,24 @@ class RecordReader:
     def _parse_tree(self, content: bytes) -> _Found:
         parser = self._local.__dict__.get("parser")
         if parser is None:  # lxml parsers are not to be shared between threads
-            parser = self._local.parser = _safe_parser()
+            parser = self._local.parser = _record_parser()
         try:
             root = etree.fromstring(content, parser)
         except etree.XMLSyntaxError as exc:
             raise RecordError(_syntax_problem(content) or f"not well-formed XML: {exc}") from None
         _check_root(root)
-        found = _Found(complete=True)
-        title = next((c for c in root if _local(c) == "title"), None)
-        summary = next((c for c in root if _local(c) == "summary"), None)
-        found.title = _text(title)
+        found = _Found(ActivityCollector(annotated=annotated(content)), complete=True)
+        summary = None
+        for child in root:
+            local = _local(child)
+            if local == "acquisitionActivity":
+                found.activities.whole(child)
+            elif local == "summary":
+                if summary is None:
+                    summary = child
+                    found.summary_ref = child.get("ref")
+            elif local in _HEAD_FIELDS and local not in found.head:
+                found.head[local] = _text(child)
         for item in summary if summary is not None else ():
             local = _local(item)
             if local in _SUMMARY_FIELDS and local not in found.summary:
@@ -264,12 +288,14 @@ class RecordReader:
 
     def _parse_stream(self, content: bytes) -> _Found:
         """Two streaming passes, neither of which keeps a tree (each element is dropped once it
-        is done), so memory stays flat. Not one pass validating while it parses: lxml's
-        validating parser takes a file cut short (a half-written record), junk after the
-        root, or a broken namespace declaration for a valid record, so the pass without a
-        schema judges the syntax, and the schema judges only what is well-formed.
+        is done), so memory stays flat: the first collects what destinations need (the
+        activities in their packed form), the second validates. Not one pass validating
+        while it parses: lxml's validating parser takes a file cut short (a half-written
+        record), junk after the root, or a broken namespace declaration for a valid record,
+        so the pass without a schema judges the syntax, and the schema judges only what is
+        well-formed.
         """
-        found = _Found()
+        found = _Found(ActivityCollector(annotated=annotated(content)))
         stream = _stream(content, None)
         try:
             _collect(stream, found)
@@ -307,45 +333,90 @@ def _stream(
 
 @dataclass
 class _Found:
-    """What a record's parse collects: the root's first ``title``, and the texts of the
-    first ``summary``'s children (and its ``instrument``'s ``pid``)."""
+    """What a record's parse collects: the root's first ``title`` and ``id``, the texts of
+    the first ``summary``'s children (its ``instrument``'s ``pid``, its own ``ref``), and the
+    acquisition activities."""
 
-    title: str | None = None
+    activities: ActivityCollector
+    head: dict[str, str | None] = field(default_factory=dict)
     instrument_pid: str | None = None
     summary: dict[str, str | None] = field(default_factory=dict)
+    summary_ref: str | None = None
     complete: bool = False  # the root element was closed
 
+    @property
+    def title(self) -> str | None:
+        return self.head.get("title")
 
-# The children of ``summary`` that a record's context needs.
-_SUMMARY_FIELDS = frozenset({"experimenter", "instrument", "reservationStart", "reservationEnd"})
+    def metadata(self) -> dict[str, str]:
+        """The record's :data:`METADATA_KEYS` that it has."""
+        values = {
+            "title": self.title,
+            "id": self.head.get("id"),
+            "instrument_name": self.summary.get("instrument"),
+            "motivation": self.summary.get("motivation"),
+            "reservation_url": self.summary_ref,
+        }
+        return {key: value for key, value in values.items() if value}
+
+
+# What ``Record.metadata`` (and so ``ExportContext.metadata``) may hold, where the record
+# says it: ``title`` and ``id`` (the root's), ``instrument_name`` (``summary/instrument``'s
+# text), ``motivation`` and ``reservation_url`` (``summary/@ref``: the calendar's page).
+METADATA_KEYS = ("title", "id", "instrument_name", "motivation", "reservation_url")
+
+# The children of the root, and of ``summary``, that a record's context needs.
+_HEAD_FIELDS = frozenset({"title", "id"})
+_SUMMARY_FIELDS = frozenset(
+    {"experimenter", "instrument", "reservationStart", "reservationEnd", "motivation"}
+)
 
 
 def _collect(events: etree.iterparse, found: _Found) -> None:
-    """Walk the parse ``events``, filling ``found`` and dropping each finished element."""
+    """Walk the parse ``events``, filling ``found`` and dropping each finished element.
+
+    An ``<acquisitionActivity>``'s direct children (``setup``, each ``dataset``) are handed
+    to the collector whole and dropped then, so their own elements wait for them: what is
+    held at once is one dataset, never the activity or the record.
+    """
     depth = 0
-    in_summary = False  # inside the root's first <summary>
-    title_seen = summary_seen = False
+    in_summary = in_activity = False  # inside the root's first <summary>, an activity
+    summary_seen = False
+    activities = found.activities
     for event, element in events:
         if event == "start":
             depth += 1
             if depth == 1:
                 _check_root(element)
-            elif depth == 2 and not summary_seen and _local(element) == "summary":
-                in_summary = summary_seen = True
+            elif depth == 2:
+                local = _local(element)
+                if local == "acquisitionActivity":
+                    in_activity = True
+                elif local == "summary" and not summary_seen:
+                    in_summary = summary_seen = True
+                    found.summary_ref = element.get("ref")
             continue
         if depth == 2:
             local = _local(element)
-            if local == "summary":
+            if in_activity:  # it is the activity that ends
+                activities.end(element)
+                in_activity = False
+            elif local == "summary":
                 in_summary = False
-            elif local == "title" and not title_seen:
-                title_seen = True
-                found.title = _text(element)
-        elif depth == 3 and in_summary:
-            local = _local(element)
-            if local in _SUMMARY_FIELDS and local not in found.summary:
-                found.summary[local] = _text(element)
-                if local == "instrument":
-                    found.instrument_pid = element.get("pid")
+            elif local in _HEAD_FIELDS and local not in found.head:
+                found.head[local] = _text(element)
+        elif depth == 3:
+            if in_activity:
+                activities.child(element)
+            elif in_summary:
+                local = _local(element)
+                if local in _SUMMARY_FIELDS and local not in found.summary:
+                    found.summary[local] = _text(element)
+                    if local == "instrument":
+                        found.instrument_pid = element.get("pid")
+        elif in_activity:
+            depth -= 1
+            continue  # part of a dataset or setup: dropped with it
         depth -= 1
         if depth:
             _drop(element)

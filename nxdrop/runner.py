@@ -19,6 +19,7 @@ import backoff
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, TransientError
+from nxdrop.metrics import Metrics
 from nxdrop.records import Record
 from nxdrop.redact import Redactor
 from nxdrop.store import AttemptState, Standing, Store, UploadRow
@@ -60,6 +61,7 @@ class DestinationRunner:
         retry_max_time: float,
         stop: Stop,
         redactor: Redactor,
+        metrics: Metrics,
     ) -> None:
         self.destination = destination
         self.name = str(destination.name)
@@ -68,6 +70,7 @@ class DestinationRunner:
         self.retry_max_time = retry_max_time
         self.stop = stop
         self.redactor = redactor
+        self.metrics = metrics
         self._bugs_told: set[str] = set()  # a bug's traceback is logged once, not per record
 
     def run(self, context: ExportContext, record: Record, standing: Standing) -> ExportResult:
@@ -79,7 +82,7 @@ class DestinationRunner:
         attempt_id = self.store.begin_attempt(record, self.name, endpoint, self.worker)
         started = time.monotonic()
         try:
-            result = self._with_retries(context, call)
+            result = self._with_retries(context, call, attempt_id)
             if result.error_message:  # nothing a server echoed is kept: not a secret
                 result = replace(result, error_message=self.redactor.scrub(result.error_message))
         except Abandoned as exc:
@@ -92,7 +95,11 @@ class DestinationRunner:
             state = AttemptState.FAILED
         elif earlier is not None and result.record_id != earlier.record_id:
             state = AttemptState.SUCCEEDED  # the earlier record was gone: this one is new
-        self.store.finish_attempt(attempt_id, result, state, time.monotonic() - started)
+        took = time.monotonic() - started
+        self.store.finish_attempt(attempt_id, result, state, took)
+        self.metrics.destination_done(
+            self.name, state.value, calls=result.attempts, seconds=took, success=result.success
+        )
         self._log(record, result, state)
         return result
 
@@ -127,7 +134,7 @@ class DestinationRunner:
             )
 
     def _with_retries(
-        self, context: ExportContext, call: Callable[[], ExportResult]
+        self, context: ExportContext, call: Callable[[], ExportResult], attempt_id: int
     ) -> ExportResult:
         name = self.name
         started = time.monotonic()
@@ -158,6 +165,7 @@ class DestinationRunner:
                     delay,
                     extra={"SESSION_ID": context.session_identifier, "DESTINATION": name},
                 )
+                self.store.note_retry(attempt_id, attempt, self.redactor.scrub(str(exc)))
                 if self.stop.requested.wait(delay):
                     raise Abandoned(f"nxdrop stopped while retrying: {exc}") from exc
                 continue

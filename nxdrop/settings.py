@@ -35,6 +35,7 @@ PATHS = (
     "log_path",
     "schema_path",
     "cert_bundle",
+    "metrics_textfile",
     "cdcs_token_file",
     "elabftw_api_key_file",
 )
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     cdcs_token_file: Path | None = None
     cdcs_template: str | None = None
     cdcs_assign_to_public_workspace: bool = True
+    # NexusLIMS 2.7: each record given to the CDCS user of its experimenter (change-owner);
+    # needs a superuser's NX_CDCS_TOKEN.
+    cdcs_user_owned_records: bool = False
 
     elabftw_url: str | None = None
     elabftw_api_key: SecretStr | None = None
@@ -91,6 +95,7 @@ class Settings(BaseSettings):
 
     cert_bundle: Path | None = None
     disable_ssl_verify: bool = False
+    # ``$NX_DATA_PATH/logs`` unless set (see _derive); ``none`` for no log file.
     log_path: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_target: Literal["auto", "journal", "stderr"] = "auto"
@@ -108,6 +113,10 @@ class Settings(BaseSettings):
     max_record_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
     # The NexusLIMS schema shipped in the package, unless another file or ``none``.
     schema_path: Path | None = NEXUS_EXPERIMENT_XSD
+    # Prometheus: ``host:port`` (loopback with only a port) to serve /metrics, off unless
+    # set; and a file for node_exporter's textfile collector.
+    metrics_address: str | None = None
+    metrics_textfile: Path | None = None
 
     @field_validator("schema_path", "log_path", mode="before")
     @classmethod
@@ -132,6 +141,9 @@ class Settings(BaseSettings):
             self.drop_path = self.data_path / "drop"
         if self.db_url is None:
             self.db_url = f"sqlite:///{self.data_path / 'nxdrop.db'}"
+        if self.log_path is None and "log_path" not in self.model_fields_set:
+            # Beside the state, as NexusLIMS keeps its log; NX_LOG_PATH=none is set, to None.
+            self.log_path = self.data_path / "logs"
         for name in SECRETS:
             if getattr(self, name) is None:
                 setattr(self, name, _read_secret(name, getattr(self, f"{name}_file")))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -128,7 +129,10 @@ class SessionRow:
     record_status: str
     timestamp: datetime
     file_name: str | None
+    file_sha256: str | None
     error_message: str | None
+    owner: str | None  # the worker exporting it now
+    owner_since: datetime | None
 
 
 @dataclass(frozen=True)
@@ -186,8 +190,9 @@ class Store:
     marked ``interrupted``, so the next attempt looks before it creates.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.url = url
+        self.clock = clock  # when rows happen: UTC, time-zone aware
         self.database = Database(url, self._prepare)
         self.db = self.database.db
         self.UploadLog, self.SessionLog = _models(self.db)
@@ -222,18 +227,22 @@ class Store:
 
     # -- session_log, and the session lock ---------------------------------------------
 
-    def lock_session(self, session_identifier: str, worker: str, file_name: str) -> bool:
+    def lock_session(
+        self, session_identifier: str, worker: str, file_name: str, *, mark: bool = True
+    ) -> bool:
         """Take the session for ``worker`` unless another worker holds it; ``True`` if taken.
 
         The lock is ``session_log.owner``: one conditional upsert, atomic in SQLite and
         PostgreSQL alike, so files of one session are exported one after the other however
-        many daemons share the database. Taking it marks the session ``EXPORTING``.
+        many daemons share the database. Taking it marks the session ``EXPORTING``, unless
+        not to ``mark`` it (a backfill: the session stays as it was).
         """
-        now = self._time(utcnow())
-        cursor = self._execute(
-            _LOCK, (session_identifier, RecordStatus.EXPORTING.value, now, file_name, worker, now)
-        )
-        return bool(cursor.rowcount)
+        now = self._time(self.clock())
+        if not mark:
+            params = (session_identifier, RecordStatus.COMPLETED.value, now, file_name, worker)
+            return bool(self._execute(_HOLD, (*params, now)).rowcount)
+        params = (session_identifier, RecordStatus.EXPORTING.value, now, file_name, worker)
+        return bool(self._execute(_LOCK, (*params, now)).rowcount)
 
     def unlock_session(self, session_identifier: str, worker: str) -> None:
         """Release the session if ``worker`` holds it (once the database is back, if not now)."""
@@ -254,7 +263,7 @@ class Store:
         error_message: str | None = None,
     ) -> None:
         """Insert or update the one row of a session (its lock stays as it is)."""
-        now = self._time(utcnow())
+        now = self._time(self.clock())
         if record is None:
             params: tuple[Any, ...] = (session_identifier, status.value, now, file_name)
             self._execute(_SET_STATUS, (*params, error_message))
@@ -270,10 +279,25 @@ class Store:
         )
         return _session_row(row) if row is not None else None
 
-    def recent_sessions(self, limit: int = 20) -> list[SessionRow]:
-        """The latest sessions, newest first."""
+    def recent_sessions(
+        self,
+        limit: int = 20,
+        *,
+        statuses: Collection[str] = (),
+        since: datetime | None = None,
+        instrument: str | None = None,
+    ) -> list[SessionRow]:
+        """The latest sessions, newest first; only these ``statuses``, since ``since``, of
+        ``instrument``, when given."""
         SessionLog = self.SessionLog
-        query = SessionLog.select().order_by(SessionLog.timestamp.desc()).limit(limit)
+        query = SessionLog.select()
+        if statuses:
+            query = query.where(SessionLog.record_status.in_(list(statuses)))
+        if since is not None:
+            query = query.where(SessionLog.timestamp >= since)
+        if instrument is not None:
+            query = query.where(SessionLog.instrument == instrument)
+        query = query.order_by(SessionLog.timestamp.desc()).limit(limit)
         return [_session_row(r) for r in self.database.run(lambda: list(query))]
 
     # -- upload_log --------------------------------------------------------------------
@@ -286,7 +310,7 @@ class Store:
         The row's own timestamp identifies it, so an insert whose answer was lost with the
         connection is found, not made twice.
         """
-        now = self._time(utcnow())
+        now = self._time(self.clock())
         key = (record.session_identifier, destination_name, worker, now)
         params = (
             record.session_identifier,
@@ -315,6 +339,11 @@ class Store:
 
         return database.run(insert, recheck=inserted)
 
+    def note_retry(self, attempt_id: int, attempts: int, error: str) -> None:
+        """The attempt under way has made ``attempts`` calls, the last failing with
+        ``error`` (scrubbed): ``status`` shows it while the retries go on."""
+        self._execute(_NOTE_RETRY, (attempts, error, attempt_id))
+
     def finish_attempt(
         self, attempt_id: int, result: ExportResult, state: AttemptState, duration: float
     ) -> None:
@@ -340,7 +369,7 @@ class Store:
             (
                 result.success,
                 state.value,
-                self._time(utcnow()),
+                self._time(self.clock()),
                 result.record_id,
                 result.record_url,
                 result.error_message,
@@ -428,6 +457,13 @@ ON CONFLICT (session_identifier) DO UPDATE SET record_status = excluded.record_s
   "timestamp" = excluded."timestamp", file_name = excluded.file_name, error_message = NULL,
   owner = excluded.owner, owner_since = excluded.owner_since
 WHERE session_log.owner IS NULL OR session_log.owner = excluded.owner"""
+_HOLD = """
+INSERT INTO session_log (session_identifier, record_status, "timestamp", file_name, owner,
+  owner_since)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (session_identifier) DO UPDATE SET owner = excluded.owner,
+  owner_since = excluded.owner_since
+WHERE session_log.owner IS NULL OR session_log.owner = excluded.owner"""
 _UNLOCK = """
 UPDATE session_log SET owner = NULL, owner_since = NULL
 WHERE session_identifier = ? AND owner = ?"""
@@ -461,6 +497,9 @@ UPDATE upload_log SET state = '{AttemptState.INTERRUPTED.value}'
 WHERE worker = ? AND state = '{AttemptState.IN_FLIGHT.value}'"""
 _RELEASE_WORKER = """
 UPDATE session_log SET owner = NULL, owner_since = NULL WHERE owner = ?"""
+_NOTE_RETRY = f"""
+UPDATE upload_log SET attempts = ?, error_message = ?
+WHERE id = ? AND state = '{AttemptState.IN_FLIGHT.value}'"""
 _FINISH = """
 UPDATE upload_log SET success = ?, state = ?, "timestamp" = ?, record_id = ?, record_url = ?,
   error_message = ?, metadata_json = ?, status_code = ?, attempts = ?, duration_seconds = ?

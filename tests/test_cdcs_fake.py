@@ -109,17 +109,25 @@ class Conversation:
 
 
 def converse(
-    url: str, token: str, other_token: str, template_title: str, corpus: Path
+    url: str, token: str, other_token: str, admin_token: str, template_title: str, corpus: Path
 ) -> list[Step]:
-    """The scripted conversation; ``other_token``'s user may not publish."""
+    """The scripted conversation; ``other_token``'s user may not publish; ``admin_token`` is
+    a superuser's."""
     alice = Conversation(url, token)
     bob = Conversation(url, other_token)
+    admin = Conversation(url, admin_token)
     xml = (corpus / "example_record.xml").read_text(encoding="utf-8")
     xml2 = (corpus / "example_record_curation.xml").read_text(encoding="utf-8")
+    invalid = xml.replace("<project>", "<bogus/><project>", 1)  # well-formed, not valid
     title = f"fake-fidelity-{uuid.uuid4().hex}"  # the real server keeps records between runs
 
     managers = alice.step("templates", "GET", "rest/template-version-manager/global/", 200)
     template = next(m["current"] for m in managers if m["title"] == template_title)
+    xsd = alice.step("template", "GET", f"rest/template/{template}/", 200)
+    # DRF's CharField trims the uploaded XSD (trim_whitespace): its final newline is gone.
+    assert xsd["content"] == (corpus / "nexus-experiment.xsd").read_text(encoding="utf-8").strip()
+    assert (xsd["format"], xsd["dependencies"]) == ("XSD", [])
+    alice.step("template, unknown id", "GET", "rest/template/987654321/", 404, message=True)
     spaces = alice.step("workspaces", "GET", "rest/workspace/read_access/", 200)
     public = next(w["id"] for w in spaces if w["is_public"])
 
@@ -169,6 +177,14 @@ def converse(
     alice.step(
         "create, not well-formed", "POST", "rest/data/", 500, json=body | {"xml_content": broken}
     )
+    # Not valid against the template: the same 500 as for a database outage, lxml's words.
+    alice.step(
+        "patch, not valid", "PATCH", record, 500, message=True, json={"xml_content": invalid}
+    )
+    alice.step(
+        "create, not valid", "POST", "rest/data/", 500, message=True,
+        json=body | {"xml_content": invalid},
+    )  # fmt: skip
     alice.step(
         "create without title",
         "POST",
@@ -192,6 +208,49 @@ def converse(
         "no right to publish", "PATCH", f"rest/data/{own['id']}/assign/{public}", 403, message=True
     )
     bob.step("other user deletes own", "DELETE", f"rest/data/{own['id']}/", 204)
+    # Published in the one request: without the right, a 500 that creates nothing.
+    bob.step(
+        "create published, no right", "POST", "rest/data/", 500, message=True,
+        json=body | {"workspace": public},
+    )  # fmt: skip
+    assert bob.step("own list after refusal", "GET", "rest/data/", 200, params=query)["count"] == 0
+    published = alice.step(
+        "create published", "POST", "rest/data/", 201, json=body | {"workspace": public}
+    )
+    assert published["workspace"] == public
+
+    # The superuser's endpoints: users, every user's records, change-owner.
+    users = admin.step("users", "GET", "rest/user/", 200)
+    bob_id = next(u["id"] for u in users if u["username"] == "bob")
+    alice.step("users, not an admin", "GET", "rest/user/", 403, message=True)
+    alice.step("admin list, not an admin", "GET", "rest/admin/data/", 403, message=True)
+    given = f"rest/data/{published['id']}/change-owner/{bob_id}"
+    alice.step("change owner, not an admin", "PATCH", given, 403, message=True)
+    admin.step("change owner, slash", "PATCH", given + "/", 404)
+    admin.step(
+        "change owner, no such user", "PATCH", f"rest/data/{published['id']}/change-owner/987654",
+        500, message=True,
+    )  # fmt: skip
+    admin.step(
+        "change owner, no such record", "PATCH", f"rest/data/987654321/change-owner/{bob_id}",
+        404, message=True,
+    )  # fmt: skip
+    assert admin.step("change owner", "PATCH", given, 200) == {}
+    moved = admin.step("get after change owner", "GET", f"rest/data/{published['id']}/", 200)
+    assert (moved["user_id"], moved["workspace"]) == (str(bob_id), public)
+    owned = alice.step("own list after change owner", "GET", "rest/data/", 200, params=query)
+    assert published["id"] not in [r["id"] for r in owned["results"]]  # not hers any more
+    alice.step(
+        "patch given away", "PATCH", f"rest/data/{published['id']}/", 403, message=True,
+        json={"xml_content": xml2},
+    )  # fmt: skip
+    everyone = admin.step(
+        "admin list", "GET", "rest/admin/data/", 200, params={"title": title, "user": bob_id}
+    )
+    assert [r["id"] for r in everyone] == [published["id"]]
+    assert admin.step("admin patch", "PATCH", f"rest/data/{published['id']}/", 200,
+                      json={"xml_content": xml2})["user_id"] == str(bob_id)  # fmt: skip
+    admin.step("admin deletes", "DELETE", f"rest/data/{published['id']}/", 204)
 
     alice.step("delete", "DELETE", private, 204)
     alice.step("get deleted", "GET", private, 404, message=True)
@@ -206,7 +265,7 @@ def converse(
     alice.step("unknown path", "GET", "rest/nothing/", 404)
     alice.step("method not allowed", "PUT", record, 405, message=True, json={})
     alice.step("delete published", "DELETE", record, 204)
-    return alice.steps + bob.steps
+    return alice.steps + bob.steps + admin.steps
 
 
 @pytest.mark.cdcs
@@ -217,12 +276,19 @@ def test_fake_answers_like_the_real_cdcs(
         cdcs_server.url,
         cdcs_server.user_token,
         cdcs_server.user_without_publish_right(),
+        cdcs_server.admin_token,
         cdcs_server.template_title,
         corpus,
     )
     cdcs_fake.users[cdcs_fake.other_token].can_publish = False  # as the real server's bob
+    cdcs_fake.validate_xml = True  # as the real server
     fake = converse(
-        cdcs_fake.url, cdcs_fake.user_token, cdcs_fake.other_token, cdcs_fake.template_title, corpus
+        cdcs_fake.url,
+        cdcs_fake.user_token,
+        cdcs_fake.other_token,
+        cdcs_fake.admin_token,
+        cdcs_fake.template_title,
+        corpus,
     )
     for real_step, fake_step in zip(real, fake, strict=True):
         assert fake_step == real_step
@@ -312,3 +378,63 @@ def test_a_subprocess_reaches_the_fake(cdcs_fake: FakeCDCS) -> None:
     )
     assert done.stdout.strip() == "201", done.stderr
     assert cdcs_fake.title_counts()["sub"] == 1
+
+
+def test_validation_follows_a_templates_includes(cdcs_fake: FakeCDCS) -> None:
+    # What the real server here cannot do (no XSD_URI_RESOLVER): a template including another.
+    cdcs_fake.validate_xml = True
+    part = cdcs_fake.add_template(
+        "part",
+        content='<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">'
+        '<xs:element name="n" type="xs:positiveInteger"/></xs:schema>',
+        listed=False,
+    )
+    main = cdcs_fake.add_template(
+        "main",
+        content='<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">'
+        '<xs:include schemaLocation="part.xsd"/></xs:schema>',
+        dependencies={"part.xsd": part},
+    )
+    headers = {"Authorization": f"Token {cdcs_fake.user_token}"}
+
+    def post(xml: str) -> requests.Response:
+        body = {"template": main, "title": "inc", "xml_content": xml}
+        return requests.post(
+            cdcs_fake.url + "rest/data/", json=body, headers=headers, timeout=TIMEOUT
+        )
+
+    template = requests.get(
+        f"{cdcs_fake.url}rest/template/{main}/", headers=headers, timeout=TIMEOUT
+    ).json()
+    assert template["dependencies"] == [int(part)]
+    assert (
+        f'schemaLocation="{cdcs_fake.server_uri}/rest/template/{part}/download/"'
+        in (template["content"])
+    )
+    assert post("<n>3</n>").status_code == 201
+    refused = post("<n>0</n>")
+    assert refused.status_code == 500
+    assert refused.json()["message"].startswith("Element 'n': '0' is not a valid value")
+
+
+def test_a_user_added_can_be_given_records(cdcs_fake: FakeCDCS) -> None:
+    user_id, token = cdcs_fake.add_user("carol")
+    made = _post(cdcs_fake, "s3").json()
+    admin = {"Authorization": f"Token {cdcs_fake.admin_token}"}
+
+    given = requests.patch(
+        f"{cdcs_fake.url}rest/data/{made['id']}/change-owner/{user_id}", headers=admin, timeout=30
+    )
+    listed = requests.get(
+        cdcs_fake.url + "rest/admin/data/",
+        params={"title": "s3", "user": user_id},
+        headers=admin,
+        timeout=TIMEOUT,
+    ).json()
+    users = requests.get(cdcs_fake.url + "rest/user/", headers=admin, timeout=TIMEOUT).json()
+
+    assert given.status_code == 200
+    assert [r["id"] for r in listed] == [made["id"]]
+    assert "checksum" not in listed[0]  # AdminDataSerializer has none
+    assert {"id": int(user_id), "username": "carol", "email": ""} in users
+    assert cdcs_fake.users[token].username == "carol"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 
+from tests.conftest import unavailable
+from tests.fixtures.cdcs_server import CDCSServer
 from tests.fixtures.plugins import env_with_path, install_plugin
 
 RAISING_PLUGIN = """
@@ -197,7 +203,10 @@ def test_status_and_retry(
     table = nxdrop("status")
     assert table.returncode == 0
     assert "example_record" in table.stdout and "BUILT_NOT_EXPORTED" in table.stdout
-    rows = json.loads(nxdrop("status", "example_record", "--json").stdout)
+    story = json.loads(nxdrop("status", "example_record", "--json").stdout)
+    assert story["session"]["status"] == "BUILT_NOT_EXPORTED"
+    assert [f["where"] for f in story["files"]] == ["failed"]
+    rows = story["attempts"]
     assert {r["destination_name"]: r["success"] for r in rows} == {
         "raising": False,
         "archive": True,
@@ -206,7 +215,7 @@ def test_status_and_retry(
     assert nxdrop("retry", "--all").returncode == 0
     assert (drop / "example_record.xml").exists()
     assert nxdrop("run", "--once").returncode == 0  # without the plugin now
-    rows = json.loads(nxdrop("status", "example_record", "--json").stdout)
+    rows = json.loads(nxdrop("status", "example_record", "--json").stdout)["attempts"]
     assert [r["state"] for r in rows] == ["failed", "succeeded", "reused"]
     assert nxdrop("retry", "missing.xml").returncode == 1
 
@@ -261,3 +270,114 @@ def test_options_count_before_and_after_the_command(
         assert result.returncode == 0, result.stdout + result.stderr
         assert "✓ destination archive" in result.stdout
     assert (tmp_path / "from-file").is_dir()  # check made the archive folder it was given
+
+
+# -- shell completion: `nxdrop completion bash|zsh`, generated from the parser --------------
+
+# The commands of the contract; the parser may have more (completion itself, say).
+CONTRACT_COMMANDS = {"run", "export", "check", "status", "retry", "destinations", "backfill"}
+
+
+def _commands() -> set[str]:
+    """Every subcommand the parser knows, so that a new one cannot be forgotten here."""
+    from nxdrop.cli import _parser
+
+    [sub] = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(sub.choices)
+
+
+def test_bash_completion_completes_every_command_and_bash_loads_it(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    commands = _commands()
+    assert CONTRACT_COMMANDS | {"completion"} <= commands
+    # Needs no settings: it works while the env file is missing, as during packaging.
+    made = nxdrop("completion", "bash", NX_ENV_FILE=str(tmp_path / "missing.env"))
+    assert made.returncode == 0, made.stderr
+    script = tmp_path / "nxdrop.bash"
+    script.write_text(made.stdout)
+    (tmp_path / "record.xml").touch()
+    # What pressing TAB does: bash calls the function `complete -F` names with COMP_*.
+    probe = f"""
+        source {script} || exit 3
+        complete -p nxdrop
+        fn=$(complete -p nxdrop | sed -E 's/.* -F ([^ ]+) .*/\\1/')
+        tab() {{
+            COMP_WORDS=("$@"); COMP_CWORD=$(( $# - 1 )); COMP_LINE="$*"; COMP_POINT=${{#COMP_LINE}}
+            COMPREPLY=(); "$fn" nxdrop "${{COMP_WORDS[-1]}}" "${{COMP_WORDS[-2]}}"
+            echo "${{COMPREPLY[*]}}"
+        }}
+        tab nxdrop ''
+        tab nxdrop st
+        tab nxdrop run --strategy ''
+        tab nxdrop export rec
+        tab nxdrop completion ''
+    """
+    done = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    registered, every, status, strategies, files, shells = done.stdout.splitlines()
+    assert registered.startswith("complete ") and registered.endswith(" nxdrop")
+    assert set(every.split()) == commands
+    assert status == "status"
+    assert strategies.split() == ["all", "first_success", "best_effort"]
+    assert files == "record.xml"
+    assert shells.split() == ["bash", "zsh"]
+    assert nxdrop("completion", "fish").returncode == 2
+
+
+def test_zsh_completion_is_found_by_compinit(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    zsh = shutil.which("zsh")
+    if zsh is None:
+        unavailable("zsh is not installed (apt-get install zsh)")
+    made = nxdrop("completion", "zsh")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith("#compdef nxdrop\n")
+    for command in _commands():
+        assert re.search(rf"^\s+{command}:'", made.stdout, re.M), command
+    # Installed as docs/deploy.md says: a file `_nxdrop` in a folder of $fpath.
+    folder = tmp_path / "site-functions"
+    folder.mkdir()
+    (folder / "_nxdrop").write_text(made.stdout)
+    syntax = subprocess.run(
+        [zsh, "-n", str(folder / "_nxdrop")], capture_output=True, text=True, check=False
+    )
+    assert (syntax.returncode, syntax.stderr) == (0, "")
+    found = subprocess.run(
+        [
+            zsh,
+            "-f",
+            "-c",
+            f"fpath=({folder} $fpath); autoload -Uz compinit && compinit -u -D; "
+            "print -r -- $_comps[nxdrop]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (found.returncode, found.stdout, found.stderr) == (0, "_nxdrop\n", "")
+
+
+@pytest.mark.cdcs
+def test_check_against_a_wrong_sub_path_says_404_in_one_line(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], cdcs_server: CDCSServer
+) -> None:
+    # The real CDCS answers a path it does not have with its whole 404 page.
+    page = requests.get(f"{cdcs_server.url}wrong/rest/templates/global/", timeout=30)
+    assert page.status_code == 404 and "<html" in page.text.lower()
+    checked = nxdrop(
+        "check", NX_CDCS_URL=f"{cdcs_server.url}wrong/", NX_CDCS_TOKEN=cdcs_server.user_token
+    )
+    assert checked.returncode == 1
+    [line] = [x for x in checked.stdout.splitlines() if "cdcs" in x]
+    assert "404" in line and "<" not in line and len(line) < 300, checked.stdout

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -346,11 +347,14 @@ def test_run_once_exit_codes_and_no_progress_bar_off_a_terminal(
     assert "c.xml" in xml_names(drop / "uploaded")
 
 
-def test_run_once_draws_a_progress_bar_on_a_terminal(tmp_path: Path, corpus: Path) -> None:
+def test_run_once_draws_a_progress_bar_on_a_terminal_and_log_lines_above_it(
+    tmp_path: Path, corpus: Path
+) -> None:
     drop = tmp_path / "drop"
     drop.mkdir()
     for i in range(3):
         (drop / f"p{i}.xml").write_bytes(record(corpus, i))
+    (drop / "broken.xml").write_bytes(b"<not xml")  # logs an error between two bars
     leader, follower = pty.openpty()
     proc = once(tmp_path, stderr=follower)
     os.close(follower)
@@ -364,8 +368,18 @@ def test_run_once_draws_a_progress_bar_on_a_terminal(tmp_path: Path, corpus: Pat
             break
         output += chunk
     os.close(leader)
-    assert proc.wait(timeout=DEADLINE) == 0
-    assert b"3/3" in output and b"[" + b"#" * 30 + b"]" in output
+    assert proc.wait(timeout=DEADLINE) == 1  # the broken record
+    assert b"4/4" in output and b"[" + b"#" * 30 + b"]" in output
+    # What the terminal shows: each piece after an erase starts a line of its own; a log
+    # line is never written onto the bar's line.
+    lines = output.replace(b"\r\n", b"\n").split(b"\n")  # the terminal's \n is \r\n
+    pieces = [p.removeprefix(b"\x1b[K") for line in lines for p in line.split(b"\r")]
+    pieces = [p for p in pieces if p.strip()]
+    assert any(p.startswith(b"ERROR   broken.xml rejected") for p in pieces), output
+    bar = re.compile(rb"\[[#.]{30}\] [1-4]/4 exported [0-3], not exported [01]")
+    assert all(bar.fullmatch(p) for p in pieces if p.startswith(b"[")), output
+    assert pieces[-2].startswith(b"[" + b"#" * 30 + b"] 4/4"), output
+    assert pieces[-1] == b"nxdrop: 1 of 4 files not exported", output
 
 
 # -- in-process: the observer's crashes, lost events, dedup and the queue bound --------------------

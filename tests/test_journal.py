@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -20,7 +22,14 @@ from typing import TextIO
 
 import pytest
 
-from nxdrop.journal import JournalHandler, setup_logging, stderr_is_journal
+from nxdrop.journal import (
+    LOG_BACKUPS,
+    LOG_MAX_BYTES,
+    JournalHandler,
+    LogFileHandler,
+    setup_logging,
+    stderr_is_journal,
+)
 from nxdrop.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -458,3 +467,210 @@ def test_a_bad_format_string_does_not_break_the_caller(
         logging.getLogger("nxdrop").warning("%d files", "three")  # a bug, not a crash
         stream.seek(0)
         assert stream.read() == "<4>'%d files' % ('three',)\n"
+
+
+# -- the log file: nxdrop.log in NX_LOG_PATH, $NX_DATA_PATH/logs by default --------------------
+
+EXAMPLES = REPO / "examples" / "records"
+
+
+def _nxdrop(
+    tmp_path: Path, *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m nxdrop ARGS`` as an operator runs it, with an archive and a drop folder."""
+    environ = {
+        k: v for k, v in os.environ.items() if not k.startswith("NX_") and k != "JOURNAL_STREAM"
+    }
+    environ |= {
+        "PYTHONPATH": str(REPO),
+        "NX_DATA_PATH": str(tmp_path / "state"),
+        "NX_DROP_PATH": str(tmp_path / "drop"),
+        "NX_ARCHIVE_PATH": str(tmp_path / "archive"),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "nxdrop", *args],
+        cwd=cwd or tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _drop_examples(tmp_path: Path) -> list[str]:
+    """The README's sample records, copied into the drop folder; their session identifiers."""
+    drop = tmp_path / "drop"
+    drop.mkdir(exist_ok=True)
+    for record in EXAMPLES.glob("*.xml"):
+        shutil.copyfile(record, drop / record.name)
+    return sorted(record.stem for record in EXAMPLES.glob("*.xml"))
+
+
+def test_the_log_file_is_under_the_data_path_by_default(tmp_path: Path) -> None:
+    sessions = _drop_examples(tmp_path)
+    done = _nxdrop(tmp_path, "run", "--once")
+    assert done.returncode == 0, done.stderr
+    log = tmp_path / "state" / "logs" / "nxdrop.log"
+    text = log.read_text(encoding="utf-8")
+    for session in sessions:
+        # The same lines as stderr, with a time and a level: what NexusLIMS users grep.
+        assert re.search(
+            rf"^\d{{4}}-\d\d-\d\d [\d:,]+ INFO nxdrop\.\S+: {session}\.xml exported", text, re.M
+        )
+        assert f"<6>{session}.xml exported" in done.stderr
+
+
+def test_a_relative_log_path_is_taken_from_the_working_directory(tmp_path: Path) -> None:
+    _drop_examples(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    done = _nxdrop(tmp_path, "run", "--once", cwd=work, NX_LOG_PATH="my-logs")
+    assert done.returncode == 0, done.stderr
+    assert "exported" in (work / "my-logs" / "nxdrop.log").read_text(encoding="utf-8")
+    assert not (tmp_path / "state" / "logs").exists()
+
+
+@pytest.mark.parametrize("off", ["none", "None"])
+def test_none_switches_the_log_file_off(tmp_path: Path, off: str) -> None:
+    _drop_examples(tmp_path)
+    done = _nxdrop(tmp_path, "run", "--once", NX_LOG_PATH=off)
+    assert done.returncode == 0, done.stderr
+    assert "exported" in done.stderr  # stderr (the journal) still has every line
+    assert not list(tmp_path.rglob("nxdrop.log*"))
+    assert not (tmp_path / "state" / "logs").exists()
+
+
+@pytest.mark.parametrize("where", ["under a file", "nxdrop.log is a folder"])
+@pytest.mark.parametrize("command", ["run", "export"])
+def test_a_log_folder_that_cannot_be_written_is_a_configuration_error(
+    tmp_path: Path, where: str, command: str
+) -> None:
+    # Both fail for root too (CI runs as root, for whom permissions are no obstacle).
+    (tmp_path / "a-file").write_text("not a folder\n")
+    folder = tmp_path / "a-file" / "logs"
+    if where == "nxdrop.log is a folder":
+        folder = tmp_path / "logs"
+        (folder / "nxdrop.log").mkdir(parents=True)
+    sessions = _drop_examples(tmp_path)
+    args = ["run", "--once"] if command == "run" else ["export", *(f"{s}.xml" for s in sessions)]
+    done = _nxdrop(tmp_path, *args, cwd=tmp_path / "drop", NX_LOG_PATH=str(folder))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"nxdrop: configuration error: NX_LOG_PATH={folder}: ")
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    # Nothing was exported with the log switched off behind the operator's back.
+    assert sorted(p.stem for p in (tmp_path / "drop").glob("*.xml")) == sessions
+    assert not (tmp_path / "archive").exists()
+
+
+def test_the_log_file_rotates_at_its_limit_and_keeps_a_bounded_number_of_files(
+    make_settings: Callable[..., Settings], root_logging: None
+) -> None:
+    # The documented bound (README, docs/deploy.md): 10 MiB a file, 5 older files kept.
+    assert (LOG_MAX_BYTES, LOG_BACKUPS) == (10 * 1024 * 1024, 5)
+    settings = make_settings()
+    with open(os.devnull, "w", encoding="utf-8") as devnull:
+        setup_logging(settings, stream=devnull)
+        log = logging.getLogger("nxdrop.pipeline")
+        filler = "x" * 65_000
+        lines = (LOG_BACKUPS + 2) * LOG_MAX_BYTES // len(filler) + 1  # 7 files' worth
+        for n in range(lines):
+            log.info("line %06d %s", n, filler)
+    folder = settings.data_path / "logs"
+    assert settings.log_path == folder
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["nxdrop.log", *(f"nxdrop.log.{i}" for i in range(1, LOG_BACKUPS + 1))]
+    for path in folder.iterdir():
+        assert 0 < path.stat().st_size <= LOG_MAX_BYTES, path.name
+    # Oldest first: nxdrop.log.5 … nxdrop.log.1, then nxdrop.log, ending with the last line.
+    order = [folder / f"nxdrop.log.{i}" for i in range(LOG_BACKUPS, 0, -1)] + [
+        folder / "nxdrop.log"
+    ]
+    numbers = [
+        int(m.group(1))
+        for path in order
+        for m in re.finditer(r" line (\d{6}) ", path.read_text(encoding="utf-8"))
+    ]
+    assert numbers == list(range(numbers[0], lines))
+    assert numbers[0] > 0, "the oldest lines are gone: the files are bounded"
+
+
+def test_a_log_file_moved_or_removed_is_not_written_into(
+    make_settings: Callable[..., Settings], root_logging: None, tmp_path: Path
+) -> None:
+    folder = tmp_path / "logs"
+    with open(os.devnull, "w", encoding="utf-8") as devnull:
+        setup_logging(make_settings(log_path=folder), stream=devnull)
+        log = logging.getLogger("nxdrop.pipeline")
+        live = folder / "nxdrop.log"
+        log.info("first")
+        live.rename(folder / "nxdrop.log-20240115")  # logrotate's "create", or an operator's mv
+        log.info("second")
+        live.unlink()  # an operator's rm
+        log.info("third")
+        with open(live, "r+", encoding="utf-8") as fh:  # logrotate's "copytruncate"
+            fh.truncate(0)
+        log.info("fourth")
+    moved = (folder / "nxdrop.log-20240115").read_text(encoding="utf-8")
+    assert moved.endswith(" INFO nxdrop.pipeline: first\n")
+    assert "second" not in moved
+    text = live.read_bytes()
+    assert b"\0" not in text, "writing went on at the old offset after a truncation"
+    assert text.decode().splitlines()[-1].endswith(" INFO nxdrop.pipeline: fourth")
+    assert len(text.decode().splitlines()) == 1
+
+
+def test_two_processes_sharing_the_log_file_follow_each_others_rotation(tmp_path: Path) -> None:
+    # The daemon and an `nxdrop export` run by hand: two handlers on one nxdrop.log. After
+    # one of them rotates, the other must write into the new file, not the renamed one.
+    daemon = LogFileHandler(tmp_path, max_bytes=2000, backups=3)
+    by_hand = LogFileHandler(tmp_path, max_bytes=2000, backups=3)
+    try:
+        for n in range(200):
+            for name, handler in (("daemon", daemon), ("by-hand", by_hand)):
+                message = f"{name} {n:03d} " + "." * 40
+                handler.handle(
+                    logging.LogRecord("nxdrop", logging.INFO, "", 0, message, None, None)
+                )
+    finally:
+        daemon.close()
+        by_hand.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["nxdrop.log", "nxdrop.log.1", "nxdrop.log.2", "nxdrop.log.3"]
+    last = (tmp_path / "nxdrop.log").read_text(encoding="utf-8").splitlines()
+    assert "daemon 199 " in last[-2] and "by-hand 199 " in last[-1]
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size <= 2000 + 200, path.name  # a line over, at most
+
+
+def test_a_log_file_that_stops_working_is_reported_once_and_taken_up_again(
+    make_settings: Callable[..., Settings],
+    root_logging: None,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    folder = tmp_path / "logs"
+    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stream:
+        setup_logging(make_settings(log_path=folder), stream=stream)
+        log = logging.getLogger("nxdrop.pipeline")
+        log.info("before")
+        shutil.rmtree(folder)  # its disk or folder went away under the daemon
+        for n in range(3):
+            log.info("meanwhile %d", n)
+        folder.mkdir()
+        log.info("after")
+        stream.seek(0)
+        assert stream.read().splitlines() == [
+            "<6>before",
+            *(f"<6>meanwhile {n}" for n in range(3)),  # stderr (the journal) lost nothing
+            "<6>after",
+        ]
+    said = capsys.readouterr().err.splitlines()
+    path = folder / "nxdrop.log"
+    assert said == [
+        f"<4>nxdrop: cannot write {path}: No such file or directory; until it works, only stderr",
+        f"<4>nxdrop: writing {path} again",
+    ]
+    assert path.read_text(encoding="utf-8").endswith(" INFO nxdrop.pipeline: after\n")

@@ -3,17 +3,21 @@ file names made safe to store and show."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import subprocess
 import sys
 import textwrap
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from lxml import etree
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import ConfigError, RecordError
@@ -318,7 +322,7 @@ MEASURE = textwrap.dedent(
     record = reader.read(Path(sys.argv[1]))
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert record.instrument_pid == "FEI-Titan-TEM"
-    print((after - before) * 1024)
+    print((after - before) * 1024, len(record.activities), len(record.activities[-1].files))
     """
 )
 
@@ -326,7 +330,8 @@ MEASURE = textwrap.dedent(
 def test_reading_a_large_record_costs_about_its_size_in_memory(
     corpus: Path, tmp_path: Path
 ) -> None:
-    # Many small elements: a tree of them would take about 12 times the file.
+    # Many small elements: a tree of them would take about 12 times the file, and their
+    # activities as dicts of strings more than the file again.
     source = (corpus / "example_record.xml").read_bytes()
     first = source.index(b"<acquisitionActivity")
     last = source.rindex(b"</acquisitionActivity>") + len(b"</acquisitionActivity>")
@@ -347,8 +352,10 @@ def test_reading_a_large_record_costs_about_its_size_in_memory(
         check=True,
     )
 
-    peak = int(result.stdout)
+    peak, activities, files = map(int, result.stdout.split())
+    # The file's bytes, and its activities packed (about a third of their XML) beside them.
     assert peak < 2 * size, f"{peak / 2**20:.0f} MiB to read {size / 2**20:.0f} MiB"
+    assert (activities, files) == (8 * (copies + 1), 6)  # every one of them, whole
 
 
 @pytest.mark.parametrize(
@@ -373,3 +380,226 @@ def test_file_names_shown_safely_and_which_cannot_be_a_session(
     assert len(escape_name(name).splitlines()) == 1  # one log line
     found = name_problem(name)
     assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+# -- acquisition activities ----------------------------------------------------------------
+
+NX = "{https://data.nist.gov/od/dm/nexus/experiment/v1.0}"
+
+
+def activities_in(path: Path) -> list[dict[str, Any]]:
+    """What the record's XML says of each activity, read with the standard library's parser
+    (not nxdrop's) and none of nxdrop's rules: the reference the reader is held to."""
+    expected = []
+    for act in ET.parse(path).getroot().iter(f"{NX}acquisitionActivity"):
+        setup = {p.get("name"): (p.text or "").strip() for p in act.iter(f"{NX}param")}
+        datasets = []
+        for ds in act.iter(f"{NX}dataset"):
+            datasets.append(
+                {
+                    "name": ds.findtext(f"{NX}name"),
+                    "location": ds.findtext(f"{NX}location"),
+                    "preview": ds.findtext(f"{NX}preview"),
+                    "description": ds.findtext(f"{NX}description"),
+                    "type": ds.get("type"),
+                    "role": ds.get("role"),
+                    "meta": {m.get("name"): (m.text or "").strip() for m in ds.iter(f"{NX}meta")},
+                }
+            )
+        expected.append(
+            {
+                "seqno": int(act.get("seqno", "")),
+                "start": datetime.fromisoformat(act.findtext(f"{NX}startTime") or ""),
+                "sample_id": act.findtext(f"{NX}sampleID"),
+                "setup": setup,
+                "datasets": datasets,
+            }
+        )
+    return expected
+
+
+@pytest.mark.parametrize("source", CORPUS_RECORDS)
+def test_the_activities_are_what_the_record_says(
+    reader: RecordReader, corpus: Path, source: str
+) -> None:
+    record = reader.read(corpus / source)
+    expected = activities_in(corpus / source)
+
+    assert len(record.activities) == len(expected) == {"example_record.xml": 8}.get(source, 2)
+    for activity, want in zip(record.activities, expected, strict=True):
+        assert activity.seqno == want["seqno"]
+        assert activity.start == want["start"]
+        assert activity.sample_id == want["sample_id"]
+        assert activity.setup_params == want["setup"]
+        datasets = want["datasets"]
+        # NexusLIMS's parallel lists, one item per dataset
+        assert activity.files == [d["location"] for d in datasets]  # nothing quoted here
+        assert activity.previews == [d["preview"] for d in datasets]
+        assert activity.unique_meta == [d["meta"] for d in datasets]
+        assert activity.meta == [{**want["setup"], **d["meta"]} for d in datasets]
+        assert activity.unique_params == set(want["setup"]).union(*(d["meta"] for d in datasets))
+        assert activity.warnings == [[] for _ in datasets]
+        # and each dataset as the record has it
+        for dataset, d in zip(activity.datasets, datasets, strict=True):
+            assert (dataset.name, dataset.location, dataset.preview) == (
+                d["name"],
+                d["location"],
+                d["preview"],
+            )
+            assert (dataset.type, dataset.role, dataset.description) == (
+                d["type"],
+                d["role"],
+                d["description"],
+            )
+            assert dataset.meta == d["meta"]
+        # NexusLIMS's end is the last file's time: the latest Creation Time, else the start
+        times = [
+            datetime.fromisoformat(d["meta"]["Creation Time"])
+            for d in datasets
+            if "Creation Time" in d["meta"]
+        ]
+        assert activity.end == max([want["start"], *times])
+        assert activity.mode == want["setup"].get("Imaging Mode", "")
+
+
+def test_what_the_corpus_activities_hold(reader: RecordReader, corpus: Path) -> None:
+    # A few values read off the file by eye, so the reference above is checked too.
+    first, second = reader.read(corpus / "example_record.xml").activities[:2]
+    assert first.start == datetime.fromisoformat("2018-11-13T11:01:00-07:00")
+    assert first.end == datetime.fromisoformat("2018-11-13T11:04:30-07:00")  # the last file
+    assert first.mode == "IMAGING"
+    assert first.setup_params["Acquisition Device"] == "BM-UltraScan"
+    assert first.setup_params["C1 Aperture (μm)"] == "2000"
+    multi = "/Titan_TEM/researcher_a/project_alpha/20181113/multi_signal_file_001.dm3"
+    assert first.files[4:6] == [multi, multi]  # one file, two signals
+    assert [d.name for d in first.datasets[4:6]] == [
+        "multi-dataset-file.dm3 (1 of 2)",
+        "multi-dataset-file.dm3 (2 of 2)",
+    ]
+    assert [d.type for d in first.datasets[4:6]] == ["Image", "Spectrum"]
+    assert first.unique_meta[0]["Exposure Time (s)"] == "1.0"
+    assert first.meta[0]["Voltage"] == "300000.0"  # the setup's, in each file's whole
+    assert second.start == datetime.fromisoformat("2018-11-13T12:30:00-07:00")
+
+    curation = reader.read(corpus / "example_record_curation.xml").activities
+    assert [len(a.datasets) for a in curation] == [3, 2]
+    assert curation[0].sample_id == "curation-test-sample-001"
+    assert curation[0].datasets[1].description == "Rated 5 only — tests max-fill circle display"
+    assert curation[1].mode == ""  # the record does not say: NexusLIMS's default
+    assert curation[1].end == curation[1].start  # no file times in this record
+
+
+def test_activities_with_units_warnings_quoted_paths_and_gaps(
+    tmp_path: Path, tree_max: int
+) -> None:
+    path = tmp_path / "x.xml"
+    path.write_bytes(
+        experiment(
+            "<title>t</title>"
+            '<acquisitionActivity seqno="3">'
+            "<startTime>2024-01-15T09:30:00+01:00</startTime><sampleID> s-1 </sampleID>"
+            '<setup><param name="Voltage" unit="kV">300</param>'
+            '<param name="Stage Tilt" warning="true">1.5</param>'
+            '<param name="Operation Mode">DIFFRACTION</param></setup>'
+            '<!-- a comment --><?pi x?><notes source="ELN"><entry/></notes>'
+            '<dataset type="Diffraction" role="Calibration">'
+            "<name>a b.dm3</name><location>/data/a%20b.dm3</location><format>DM3</format>"
+            "<description>first</description><description>second</description>"
+            "<preview>/data/a%20b.dm3.thumb.png</preview><preview>/other.png</preview>"
+            '<meta name="Creation Time">2024-01-15T10:00:00+01:00</meta>'
+            '<meta name="Exposure" unit="s">2<!-- split -->.5</meta>'
+            '<meta name="Empty"/><meta name="Odd" warning="true">x</meta>'
+            "<curation><rating>3</rating></curation><unknown>kept out</unknown>"
+            "</dataset>"
+            "<dataset><name>bare.dm3</name><location>/data/bare.dm3</location></dataset>"
+            "</acquisitionActivity>"
+            "<acquisitionActivity><startTime>not a time</startTime>"
+            "<dataset><name>one.tif</name><location>/one.tif</location>"
+            '<meta name="Imaging Mode">SCANNING</meta></dataset>'
+            "</acquisitionActivity>"
+            "<acquisitionActivity/>"
+        )
+    )
+    first, second, third = RecordReader(10**6, tree_max=tree_max).read(path).activities
+
+    assert (first.seqno, first.sample_id, first.mode) == (3, "s-1", "DIFFRACTION")
+    assert first.start == datetime.fromisoformat("2024-01-15T09:30:00+01:00")
+    assert first.end == datetime.fromisoformat("2024-01-15T10:00:00+01:00")
+    assert first.setup_params == {
+        "Voltage": "300 kV",
+        "Stage Tilt": "1.5",
+        "Operation Mode": "DIFFRACTION",
+    }
+    assert first.files == ["/data/a b.dm3", "/data/bare.dm3"]  # as NexusLIMS had them
+    assert first.previews == ["/data/a b.dm3.thumb.png", None]
+    a, bare = first.datasets
+    assert (a.location, a.preview) == ("/data/a%20b.dm3", "/data/a%20b.dm3.thumb.png")
+    assert (a.type, a.role, a.format, a.description) == (
+        "Diffraction",
+        "Calibration",
+        "DM3",
+        "first\nsecond",
+    )
+    # A value split by a comment is whole, in both ways of parsing.
+    assert a.meta == {
+        "Creation Time": "2024-01-15T10:00:00+01:00",
+        "Exposure": "2.5 s",
+        "Empty": "",
+        "Odd": "x",
+    }
+    assert first.warnings == [["Stage Tilt", "Odd"], ["Stage Tilt"]]
+    assert (bare.type, bare.role, bare.format, bare.description, bare.meta) == (
+        None,
+        None,
+        None,
+        None,
+        {},
+    )
+    assert first.unique_params == {
+        "Voltage",
+        "Stage Tilt",
+        "Operation Mode",
+        "Creation Time",
+        "Exposure",
+        "Empty",
+        "Odd",
+    }
+
+    assert second.start is None and second.end is None and second.seqno is None
+    assert second.mode == "SCANNING"  # one dataset, no setup: the dataset says it
+    assert second.setup_params == {} and second.meta == [{"Imaging Mode": "SCANNING"}]
+
+    assert (third.datasets, third.files, third.setup_params, third.mode) == ((), [], {}, "")
+
+
+def test_a_record_without_activities_has_none(tmp_path: Path, tree_max: int) -> None:
+    path = tmp_path / "x.xml"
+    path.write_bytes(experiment("<title>t</title>"))
+    assert RecordReader(10**6, tree_max=tree_max).read(path).activities == ()
+
+
+def test_the_record_head_is_its_metadata(reader: RecordReader, corpus: Path) -> None:
+    assert reader.read(corpus / "example_record.xml").metadata == {
+        "title": "Test record with a multi-dataset file",
+        "id": "204",
+        "instrument_name": "FEI Titan TEM",
+        "motivation": "Testing of the NexusLIMS frontend",
+        "reservation_url": "http://nemo.localhost/event_details/reservation/204/",
+    }
+    assert reader.read(corpus / "example_record_curation.xml").metadata["id"] == "9001"
+
+
+def test_the_activities_hold_nothing_of_the_parse(reader: RecordReader, corpus: Path) -> None:
+    # Everything an activity keeps is text: no lxml element, so no tree stays alive
+    # through it, however long the record's export takes.
+    activities = reader.read(corpus / "example_record.xml").activities
+    seen: set[int] = set()
+    todo: list[object] = list(activities)
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        assert not isinstance(obj, etree._Element), obj
+        todo.extend(gc.get_referents(obj))
+    assert len(seen) > 100  # the walk did reach the datasets

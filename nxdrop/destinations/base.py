@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from nxdrop.activities import AcquisitionActivity
     from nxdrop.records import Record
     from nxdrop.settings import Settings
 
@@ -50,41 +51,88 @@ class ExportResult:
 class ExportContext:
     """Everything a destination gets to know about the record it exports.
 
-    ``previous_results`` holds the results of the destinations that ran before this one,
-    by name, so a destination can link to them (``get_result("cdcs")``).
+    NexusLIMS 2.x's fields, in its order, so that a context is made the way NexusLIMS makes
+    one (``ExportContext(xml_file_path, session_identifier, instrument_pid, dt_from, dt_to,
+    user, metadata, previous_results, activities, reservation_event)``):
 
-    ``interrupted`` is true when an earlier attempt at this destination, for this session,
-    was cut off after it may have reached the server (nxdrop was killed mid-call): before
-    creating anything, look for what that attempt may have made.
+    ``xml_file_path``
+        The record's file (in the working folder, under its own name).
+    ``session_identifier``, ``instrument_pid``, ``dt_from``, ``dt_to``, ``user``
+        The session, from the file's name and the record's ``summary``.
+    ``metadata``
+        More of what the record's head says, where it says it: ``title``, ``id``,
+        ``instrument_name``, ``motivation``, ``reservation_url``
+        (:data:`nxdrop.records.METADATA_KEYS`). NexusLIMS leaves it empty.
+    ``previous_results``
+        The results of the destinations that ran before this one, by name, so that a
+        destination can link to them (``get_result("cdcs")``).
+    ``activities``
+        The record's acquisition activities (:class:`~nxdrop.activities.AcquisitionActivity`,
+        with NexusLIMS's attribute names), read from its ``<acquisitionActivity>`` elements.
+    ``reservation_event``
+        Always ``None``: NexusLIMS fills it from the calendar, which a drop folder cannot
+        reach (the record's ``summary`` holds what the calendar said).
+
+    nxdrop's own, after them: ``record`` (what the reader made of the file: ``content``
+    and ``sha256`` come from it), ``attempt`` (1 for the first call, 2 for the first retry,
+    …) and ``interrupted``: true when an earlier attempt at this destination, for this
+    session, was cut off after it may have reached the server (nxdrop was killed mid-call),
+    so look for what that attempt may have made before creating anything.
     """
 
     xml_file_path: Path
     session_identifier: str
     instrument_pid: str | None
-    user: str | None
     dt_from: datetime | None
     dt_to: datetime | None
+    user: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
     previous_results: dict[str, ExportResult] = field(default_factory=dict)
+    activities: list[AcquisitionActivity] = field(default_factory=list)
+    reservation_event: Any = None
     record: Record | None = None
     attempt: int = 1
     interrupted: bool = False
+
+    def __post_init__(self) -> None:
+        # nxdrop's order before NexusLIMS's was (…, instrument_pid, user, dt_from, dt_to):
+        # a context made that way would put a user name among the dates, or a date in
+        # ``user``. Say so at once, rather than let a destination publish it.
+        for name, kind in (("dt_from", datetime), ("dt_to", datetime), ("user", str)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"ExportContext {name} must be a {kind.__name__} or None, not "
+                    f"{type(value).__name__} {value!r}; the order is NexusLIMS's: "
+                    "(xml_file_path, session_identifier, instrument_pid, dt_from, dt_to, user, …)"
+                )
 
     @classmethod
     def for_record(cls, record: Record) -> ExportContext:
         """A context for ``record``, with no results yet."""
         return cls(
-            xml_file_path=record.path,
-            session_identifier=record.session_identifier,
-            instrument_pid=record.instrument_pid,
-            user=record.user,
-            dt_from=record.dt_from,
-            dt_to=record.dt_to,
+            record.path,
+            record.session_identifier,
+            record.instrument_pid,
+            record.dt_from,
+            record.dt_to,
+            record.user,
+            metadata=dict(record.metadata),
+            activities=list(record.activities),
             record=record,
         )
 
     def get_result(self, destination_name: str) -> ExportResult | None:
         """The result of an earlier destination, or ``None`` if it did not run."""
         return self.previous_results.get(destination_name)
+
+    def add_result(self, destination_name: str, result: ExportResult) -> None:
+        """Add or replace a destination's result in :attr:`previous_results` (NexusLIMS 2.x).
+
+        nxdrop gives each destination the results before it itself; this is for code that
+        runs destinations by hand, as NexusLIMS's tests do.
+        """
+        self.previous_results[destination_name] = result
 
     def has_successful_export(self, destination_name: str) -> bool:
         """Whether an earlier destination ran and succeeded (NexusLIMS 2.x)."""

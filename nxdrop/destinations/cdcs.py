@@ -1,20 +1,33 @@
 """The CDCS destination: records into a NIST CDCS (NexusLIMS-CDCS) through its REST API.
 
 One session, one record: a session's record is the token user's own record titled with the
-session identifier (under the configured template). New content for the session replaces
-that record's XML in place (``PATCH rest/data/<id>/``), so its id, and every link to it, stay
-valid. A record id from the log is trusted only after CDCS confirms the record is still
-there, is titled with this session and is among the token user's own records: anybody
-else's record is never patched, published or taken for ours.
+session identifier (under the configured template), or one of the same title and template
+that nxdrop gave to the session's user. New content for the session replaces that record's
+XML in place (``PATCH rest/data/<id>/``), so its id, and every link to it, stay valid. A
+record id from the log is trusted only after CDCS confirms the record is still there, is
+titled with this session and is among those records: anybody else's record is never
+patched, published or taken for ours.
+
+CDCS answers 500 for a record that fails its template and for its own faults alike; the
+record is checked against the template's XSD here first (:mod:`.cdcs_schema`), so a record
+that fails is never sent and a 500 for one that passes is a fault worth a retry. A record
+is created published, in one request (``workspace`` in the POST). With
+``NX_CDCS_USER_OWNED_RECORDS`` it is then given to the CDCS user of its experimenter
+(``change-owner``, as NexusLIMS 2.7 does), and that user's records of the session count
+as the session's too.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
+from nxdrop.destinations.cdcs_schema import TemplateSchemas, TemplateViolation
 from nxdrop.exceptions import DestinationError, PermanentError, TransientError
 from nxdrop.http import (
     HttpClient,
@@ -35,13 +48,40 @@ _MAX_PAGES = 50
 # Answers that hold records leave their XML undecoded: compared with the record's bytes a
 # piece at a time, it never costs a record-sized str (or two, or four).
 _XML = ("xml_content",)
+# What core-main-app's access control says (``access_control/api.py``) when a write is not
+# allowed. A create does the check while saving, outside the view's 403 handler, so CDCS
+# answers these with 500; they are refusals, and a retry cannot help.
+_REFUSALS = (
+    "The user doesn't have enough rights to publish.",
+    "The user does not have the permission to write into this workspace.",
+    "The user doesn't have enough rights.",
+    "Unable to write if not authenticated.",
+)
+_NO_PUBLISH = _REFUSALS[0]
+# NexusLIMS writes the experimenter as "First Last (username)" (its NEMO harvester), or as
+# the username alone where it has no name.
+_USERNAME_IN_PARENS = re.compile(r"\(\s*([^()\s]+)\s*\)\s*$")
+_SUPERUSER = (
+    "records given to their users (NX_CDCS_USER_OWNED_RECORDS) need NX_CDCS_TOKEN to be a "
+    "CDCS superuser's token, as NexusLIMS requires: the user list, every user's records and "
+    "change-owner are admin-only"
+)
 
 
 class _Listed(NamedTuple):
-    """One of the token user's records of a session, as CDCS lists it, without its XML."""
+    """One of the session's records, as CDCS lists it, without its XML."""
 
     record: dict[str, Any]
     same_xml: bool  # whether its XML is exactly the record's bytes
+
+
+@dataclass(frozen=True)
+class _Owner:
+    """Who a record is to belong to (``NX_CDCS_USER_OWNED_RECORDS``): the username taken
+    from the experimenter, and the CDCS user's id (``None`` when there is no such user)."""
+
+    username: str | None
+    user_id: str | None
 
 
 class CDCSDestination(ExportDestination):
@@ -59,10 +99,13 @@ class CDCSDestination(ExportDestination):
     def __init__(self) -> None:
         self.template_setting: str | None = None
         self.assign = True
+        self.user_owned = False
         self._client: HttpClient | None = None
         self._lock = threading.Lock()
         self._template: str | None = None
         self._workspace: str | None = None
+        self._schemas = TemplateSchemas(self._fetch_template)
+        self._unchecked: set[str] = set()  # templates already warned about
 
     def configure(self, settings: Settings) -> None:
         """Take the ``NX_CDCS_*`` settings; the server is not contacted here."""
@@ -71,6 +114,7 @@ class CDCSDestination(ExportDestination):
             check_base_url(url, "NX_CDCS_URL")
         self.template_setting = settings.cdcs_template or None
         self.assign = settings.cdcs_assign_to_public_workspace
+        self.user_owned = settings.cdcs_user_owned_records
         if url and token is not None and token.get_secret_value():
             self._client = HttpClient.for_settings(
                 url, settings, {"Authorization": f"Token {token.get_secret_value()}"}
@@ -92,13 +136,28 @@ class CDCSDestination(ExportDestination):
         return self._client.base_url.rstrip("/") + "/" if self._client is not None else ""
 
     def validate_config(self) -> tuple[bool, str | None]:
-        """Reach CDCS with the token: find the template and, if publishing, the workspace."""
+        """Reach CDCS with the token: find the template and its XSD, the public workspace if
+        publishing, and, for ``NX_CDCS_USER_OWNED_RECORDS``, that the token is a superuser's.
+        """
         if not self.enabled:
             return False, self.disabled_reason
         try:
-            self._template_id()
+            template = self._template_id()
+            problem = self._schemas.get(template).problem
+            if problem is not None:
+                # Not a failure: CDCS still checks every record; only its 500s are ambiguous.
+                self._warn_unchecked(template, problem)
             if self.assign:
                 self._workspace_id()
+            if self.user_owned:
+                self._users()
+                # rest/user/ lets staff in; the list of every user's records only superusers.
+                self._admin_get("rest/admin/data/", title="", template=template)
+                log.info(
+                    "NX_CDCS_USER_OWNED_RECORDS: records are given to the CDCS user of their "
+                    "experimenter; NX_CDCS_TOKEN is a superuser's, as this needs",
+                    extra={"DESTINATION": self.name},
+                )
         except DestinationError as exc:
             return False, str(exc)
         except Exception as exc:  # a check reports, it never raises
@@ -112,7 +171,7 @@ class CDCSDestination(ExportDestination):
         this XML is reused; failing that the most recent one is updated in place; failing
         that a record is created.
         """
-        return self._settle(context, stored_id=None)
+        return self._settle(context, None, stored_id=None)
 
     def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
         """Replace the XML of the session's record ``previous`` made; same id, same URL.
@@ -125,9 +184,10 @@ class CDCSDestination(ExportDestination):
     def reconcile(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
         """The same bytes again: check that ``earlier``'s record is still ours and current.
 
-        Ours and unchanged: published if need be and reused. Ours but with other XML
-        (edited on the server): updated. Not ours (gone, another user's, another title, as
-        after the server was reinstalled): never touched; :meth:`export` instead.
+        Ours and unchanged: published (and given to its user) if need be, and reused. Ours
+        but with other XML (edited on the server): updated. Not ours (gone, another user's,
+        another title, as after the server was reinstalled): never touched; :meth:`export`
+        instead.
         """
         return self._follow(context, earlier)
 
@@ -146,7 +206,16 @@ class CDCSDestination(ExportDestination):
                 raise PermanentError(
                     f"CDCS refused NX_CDCS_TOKEN: {exc}", status_code=exc.status_code
                 ) from exc
-            raise
+            raise _server_fault(exc) from exc
+
+    def _admin_get(self, path: str, **params: str) -> Any:
+        """A GET that only a superuser may make (``NX_CDCS_USER_OWNED_RECORDS``)."""
+        try:
+            return self._http().json("GET", path, params=params or None, raw=_XML)
+        except PermanentError as exc:
+            if exc.status_code in (401, 403):
+                raise PermanentError(f"{_SUPERUSER}: {exc}", status_code=exc.status_code) from exc
+            raise _server_fault(exc) from exc
 
     def _template_id(self) -> str:
         with self._lock:
@@ -182,6 +251,13 @@ class CDCSDestination(ExportDestination):
             f"(there are: {titles})"
         )
 
+    def _fetch_template(self, template_id: str) -> dict[str, Any]:
+        """``GET rest/template/<id>/``: the template, its XSD in ``content``."""
+        template = self._get(f"rest/template/{template_id}/")
+        if not isinstance(template, dict):
+            raise PermanentError(f"CDCS template {template_id}: not a template: {template!r:.200}")
+        return template
+
     def _workspace_id(self) -> str:
         with self._lock:
             if self._workspace is None:
@@ -203,11 +279,11 @@ class CDCSDestination(ExportDestination):
         stored_id = earlier.record_id
         if stored_id and not self._looks_ours(stored_id, title):
             stored_id = None
-        return self._settle(context, stored_id=stored_id)
+        return self._settle(context, earlier, stored_id=stored_id)
 
     def _looks_ours(self, record_id: str, title: str) -> bool:
         """Whether ``GET rest/data/<id>/`` shows this session's record (ownership is
-        checked by :meth:`_settle` against the token user's own records)."""
+        checked by :meth:`_settle` against the session's records)."""
         why: str | None = None
         try:
             stored = self._http().json("GET", f"rest/data/{record_id}/", raw=_XML)
@@ -215,7 +291,7 @@ class CDCSDestination(ExportDestination):
             # 403: someone else's private record (or a bad token, which the listing in
             # ``_settle`` reports as such). 404: deleted, or a reinstalled server.
             if exc.status_code not in (403, 404):
-                raise
+                raise _server_fault(exc) from exc
             why = "is gone" if exc.status_code == 404 else "is not readable with this token"
         else:
             if stored.get("title") != title:
@@ -230,38 +306,83 @@ class CDCSDestination(ExportDestination):
             return False
         return True
 
-    def _settle(self, context: ExportContext, stored_id: str | None) -> ExportResult:
-        """Reuse, update or create the session's one record; publish it; its result.
+    def _settle(
+        self, context: ExportContext, earlier: ExportResult | None, stored_id: str | None
+    ) -> ExportResult:
+        """Reuse, update or create the session's one record; publish it; give it to its
+        user; its result.
 
-        ``stored_id`` is preferred among the token user's records of this title and
-        template (links to it stay valid), then one with exactly this XML, then the most
-        recent one.
+        ``stored_id`` is preferred among the session's records (links to it stay valid),
+        then one with exactly this XML, then the most recent one.
         """
         template = self._template_id()
         workspace = self._workspace_id() if self.assign else None
         title = context.session_identifier
-        own = self._own_records(title, template, context.content)
-        found = next((r for r in own if stored_id and str(r.record.get("id")) == stored_id), None)
+        owner = self._owner(context) if self.user_owned else None
+        # Records given away (by this or an earlier run with NX_CDCS_USER_OWNED_RECORDS) are
+        # no longer among the token user's own: they are found among their owner's.
+        owners = {owner.user_id} if owner is not None and owner.user_id else set()
+        given = (earlier.metadata.get("owner_id") if earlier is not None else None) or None
+        if given is not None:
+            owners.add(str(given))
+        listed = self._session_records(title, template, context.content, owners)
+        found = next(
+            (r for r in listed if stored_id and str(r.record.get("id")) == stored_id), None
+        )
         if stored_id and found is None:
             log.warning(
-                "CDCS record %s is not among this token's records titled %r (template %s): "
-                "left untouched",
+                "CDCS record %s is not among the records titled %r (template %s) of this "
+                "token's user%s: left untouched",
                 stored_id,
                 title,
                 template,
+                " (or of the user it gave the session's record to)" if owners else "",
                 extra={"SESSION_ID": title, "DESTINATION": self.name, "RECORD_ID": stored_id},
             )
         if found is None:
-            found = next((r for r in own if r.same_xml), None)
-        if found is None and own:
-            found = max(own, key=lambda r: _recency(r.record))
+            found = next((r for r in listed if r.same_xml), None)
+        if found is None and listed:
+            found = max(listed, key=lambda r: _recency(r.record))
         if found is None:
-            record = self._create(title, template, context)
+            record = self._create(title, template, workspace, context)
         elif not found.same_xml:
             record = self._replace_xml(found.record, template, context)
         else:
             record = found.record
-        return self._published(record, template, workspace, title)
+        self._publish(record, workspace)
+        metadata: dict[str, Any] = {"template": template, "workspace": workspace, "title": title}
+        if owner is not None and owner.user_id:
+            self._give(record, owner)
+        if owner is not None or given is not None:
+            # Who owns it now: where the next attempt looks, even with the setting off.
+            metadata["owner"] = owner.username if owner is not None and owner.user_id else None
+            owner_id = record.get("user_id")
+            metadata["owner_id"] = None if owner_id is None else str(owner_id)
+        record_id = str(record["id"])
+        return ExportResult(
+            success=True,
+            destination_name=self.name,
+            record_id=record_id,
+            record_url=join_url(self._http().base_url, f"data?id={record_id}"),
+            metadata=metadata,
+        )
+
+    def _session_records(
+        self, title: str, template: str, content: bytes, owners: Iterable[str]
+    ) -> list[_Listed]:
+        """The session's records: the token user's own with this title and template, and
+        those of ``owners`` (users records were given to); each once."""
+        listed = self._own_records(title, template, content)
+        for user_id in sorted(owners):
+            listed += self._records_of(user_id, title, template, content)
+        seen: set[str] = set()
+        unique = []
+        for r in listed:
+            key = str(r.record.get("id"))
+            if key not in seen:
+                seen.add(key)
+                unique.append(r)
+        return unique
 
     def _own_records(self, title: str, template: str, content: bytes) -> list[_Listed]:
         """The token user's records with this title and template (CDCS lists no others),
@@ -282,18 +403,69 @@ class CDCSDestination(ExportDestination):
                 break
         return records
 
-    def _create(self, title: str, template: str, context: ExportContext) -> dict[str, Any]:
+    def _records_of(self, user_id: str, title: str, template: str, content: bytes) -> list[_Listed]:
+        """``user_id``'s records with this title and template, from the superuser's list of
+        every user's records (``rest/admin/data/``: one answer, not paged)."""
+        found = self._admin_get("rest/admin/data/", title=title, template=template, user=user_id)
+        rows = found.get("results", []) if isinstance(found, dict) else found
+        records: list[_Listed] = []
+        for r in rows:
+            xml = r.pop("xml_content", None)
+            mine = str(r.get("user_id")) == user_id and str(r.get("template")) == template
+            if mine and r.get("title") == title:
+                records.append(_Listed(r, _holds(xml, content)))
+        return records
+
+    def _check(self, template: str, context: ExportContext, what: str) -> str | None:
+        """Check the record against the template before it is sent; refused records never
+        are. Returns why it could not be checked here, or ``None`` when it passed."""
+        try:
+            problem = self._schemas.check(template, context.content)
+        except TemplateViolation as exc:
+            raise PermanentError(
+                f"CDCS template {template} refuses {what}, so it was not sent: {exc}"
+            ) from None
+        if problem is not None:
+            self._warn_unchecked(template, problem)
+        return problem
+
+    def _warn_unchecked(self, template: str, problem: str) -> None:
+        """Say once per template that its records are sent unchecked, and what that means."""
+        with self._lock:
+            if template in self._unchecked:
+                return
+            self._unchecked.add(template)
+        log.warning(
+            "CDCS template %s: records cannot be checked here before they are sent (%s); "
+            "CDCS checks them, but its 500 then cannot tell a refused record from a fault, "
+            "and is retried as a fault",
+            template,
+            problem,
+            extra={"DESTINATION": self.name},
+        )
+
+    def _create(
+        self, title: str, template: str, workspace: str | None, context: ExportContext
+    ) -> dict[str, Any]:
+        """``POST rest/data/``, published in the same request when ``workspace`` is set."""
+        unchecked = self._check(template, context, "the record")
+        fields = {"template": template, "title": title}
+        if workspace is not None:
+            fields["workspace"] = workspace
         try:
             created: dict[str, Any] = self._http().json(
-                "POST",
-                "rest/data/",
-                data=_xml_body({"template": template, "title": title}, context),
-                raw=_XML,
+                "POST", "rest/data/", data=_xml_body(fields, context), raw=_XML
             )
         except PermanentError as exc:
-            if exc.status_code not in (400, 500):
-                raise
-            raise _rejected(exc, template) from exc
+            if exc.status_code == 500 and _NO_PUBLISH in str(exc):
+                raise PermanentError(
+                    "the CDCS user of NX_CDCS_TOKEN may not publish to the public workspace; "
+                    "nothing was created. Give that user the publish right (CDCS permission "
+                    "publish_data, as group 'default' has) or set "
+                    f"NX_CDCS_ASSIGN_TO_PUBLIC_WORKSPACE=false: {exc}",
+                    status_code=exc.status_code,
+                ) from exc
+            raise _write_failure(exc, template, "the record", unchecked) from exc
         created.pop("xml_content", None)  # CDCS sends the record back; we have it
         return created
 
@@ -301,8 +473,10 @@ class CDCSDestination(ExportDestination):
         self, record: dict[str, Any], template: str, context: ExportContext
     ) -> dict[str, Any]:
         """``PATCH rest/data/<id>/`` with the new XML; CDCS validates it against the
-        record's template and keeps its id, title and workspace."""
+        record's template and keeps its id, title, workspace and owner."""
         record_id = str(record["id"])
+        what = f"the update of record {record_id}"
+        unchecked = self._check(template, context, what)
         try:
             patched = self._http().json(
                 "PATCH",
@@ -311,9 +485,8 @@ class CDCSDestination(ExportDestination):
                 raw=_XML,
             )
         except PermanentError as exc:
-            if exc.status_code not in (400, 500):
-                raise  # 403: ours but not writable (a published record without the right)
-            raise _rejected(exc, template, record_id) from exc
+            # 403: ours but not writable (a published record without the publish right).
+            raise _write_failure(exc, template, what, unchecked) from exc
         log.info(
             "CDCS record %s: XML replaced with the new version",
             record_id,
@@ -328,31 +501,120 @@ class CDCSDestination(ExportDestination):
         patched.pop("xml_content", None)
         return {**record, **patched}
 
-    def _published(
-        self, record: dict[str, Any], template: str, workspace: str | None, title: str
-    ) -> ExportResult:
+    def _publish(self, record: dict[str, Any], workspace: str | None) -> None:
+        """Assign the record to ``workspace`` unless it is there: one an interrupted attempt
+        left private, or one made before records were created published."""
         record_id = str(record["id"])
-        if workspace is not None and str(record.get("workspace")) != workspace:
-            # A record left private would look exported but be invisible: fail instead.
-            # No trailing slash: CDCS answers 404 to ``.../assign/<id>/``.
-            path = f"rest/data/{record_id}/assign/{workspace}"
-            unpublished = f"record {record_id} is in CDCS but NOT published: "
-            try:
-                self._http().request("PATCH", path)
-            except TransientError as exc:
-                # The retry finds this record by its content and publishes it then.
-                raise TransientError(
-                    f"{unpublished}{exc}", status_code=exc.status_code, retry_after=exc.retry_after
+        if workspace is None or str(record.get("workspace")) == workspace:
+            return
+        # A record left private would look exported but be invisible: fail instead.
+        # No trailing slash: CDCS answers 404 to ``.../assign/<id>/``.
+        path = f"rest/data/{record_id}/assign/{workspace}"
+        unpublished = f"record {record_id} is in CDCS but NOT published: "
+        try:
+            self._http().request("PATCH", path)
+        except TransientError as exc:
+            # The retry finds this record by its content and publishes it then.
+            raise TransientError(
+                f"{unpublished}{exc}", status_code=exc.status_code, retry_after=exc.retry_after
+            ) from exc
+        except PermanentError as exc:
+            if exc.status_code == 500 and not any(r in str(exc) for r in _REFUSALS):
+                raise TransientError(f"{unpublished}{exc}", status_code=500) from exc
+            raise PermanentError(f"{unpublished}{exc}", status_code=exc.status_code) from exc
+        record["workspace"] = workspace
+
+    # -- NX_CDCS_USER_OWNED_RECORDS ------------------------------------------------------
+
+    def _owner(self, context: ExportContext) -> _Owner:
+        """The CDCS user the record is to belong to, looked up before anything is written.
+
+        As NexusLIMS: a user that cannot be found leaves the record with the token's user,
+        with a warning, and never blocks the export. (NexusLIMS also creates the account;
+        a file in a drop folder is no authority to create accounts, so nxdrop does not.)
+        """
+        username = username_of(context.user)
+        title = context.session_identifier
+        if username is None:
+            log.warning(
+                "NX_CDCS_USER_OWNED_RECORDS: the record names no experimenter; its CDCS "
+                "record stays with the token's user",
+                extra={"SESSION_ID": title, "DESTINATION": self.name},
+            )
+            return _Owner(None, None)
+        users = self._users()
+        exact = [u for u in users if u.get("username") == username]
+        if not exact:  # a username typed in another case elsewhere, if only one fits
+            exact = [u for u in users if str(u.get("username", "")).lower() == username.lower()]
+        if len(exact) != 1:
+            log.warning(
+                "NX_CDCS_USER_OWNED_RECORDS: %s CDCS user named %r (from experimenter %r); "
+                "the record stays with the token's user",
+                "no" if not exact else "more than one",
+                username,
+                context.user,
+                extra={"SESSION_ID": title, "DESTINATION": self.name},
+            )
+            return _Owner(username, None)
+        return _Owner(str(exact[0]["username"]), str(exact[0]["id"]))
+
+    def _users(self) -> list[dict[str, Any]]:
+        """Every CDCS user (``GET rest/user/``, admin-only), paged or not."""
+        users: list[dict[str, Any]] = []
+        for page in range(1, _MAX_PAGES + 1):
+            found = self._admin_get("rest/user/", **({"page": str(page)} if page > 1 else {}))
+            if isinstance(found, list):
+                return found
+            users += found.get("results", [])
+            if not found.get("next"):
+                break
+        return users
+
+    def _give(self, record: dict[str, Any], owner: _Owner) -> None:
+        """Make ``owner`` the record's owner unless it is already (``change-owner``, no
+        trailing slash: superuser only)."""
+        assert owner.user_id is not None
+        record_id = str(record["id"])
+        if str(record.get("user_id")) == owner.user_id:
+            return
+        path = f"rest/data/{record_id}/change-owner/{owner.user_id}"
+        given = f"record {record_id} is in CDCS but NOT given to user {owner.username!r}: "
+        try:
+            self._http().request("PATCH", path)
+        except TransientError as exc:
+            # The retry finds the record among the token user's and gives it then.
+            raise TransientError(
+                f"{given}{exc}", status_code=exc.status_code, retry_after=exc.retry_after
+            ) from exc
+        except PermanentError as exc:
+            if exc.status_code in (401, 403):
+                raise PermanentError(
+                    f"{given}{_SUPERUSER}: {exc}", status_code=exc.status_code
                 ) from exc
-            except PermanentError as exc:
-                raise PermanentError(f"{unpublished}{exc}", status_code=exc.status_code) from exc
-        return ExportResult(
-            success=True,
-            destination_name=self.name,
-            record_id=record_id,
-            record_url=join_url(self._http().base_url, f"data?id={record_id}"),
-            metadata={"template": template, "workspace": workspace, "title": title},
+            if exc.status_code == 500:  # e.g. the user was deleted meanwhile: look again
+                raise TransientError(f"{given}{exc}", status_code=500) from exc
+            raise PermanentError(f"{given}{exc}", status_code=exc.status_code) from exc
+        log.info(
+            "CDCS record %s given to user %r",
+            record_id,
+            owner.username,
+            extra={
+                "SESSION_ID": record.get("title"),
+                "DESTINATION": self.name,
+                "RECORD_ID": record_id,
+            },
         )
+        record["user_id"] = owner.user_id
+
+
+def username_of(experimenter: str | None) -> str | None:
+    """The username in a NexusLIMS experimenter: ``Ned Land (ned)`` → ``ned``, as its NEMO
+    harvester writes it; the whole text where there are no parentheses (NexusLIMS writes the
+    username alone when it has no full name); ``None`` for none."""
+    if experimenter is None or not experimenter.strip():
+        return None
+    match = _USERNAME_IN_PARENS.search(experimenter)
+    return match.group(1) if match else experimenter.strip()
 
 
 def _xml_body(fields: dict[str, str], context: ExportContext) -> StreamedBody:
@@ -380,10 +642,36 @@ def _recency(record: dict[str, Any]) -> tuple[str, str, int]:
     )
 
 
-def _rejected(exc: PermanentError, template: str, record_id: str | None = None) -> PermanentError:
-    """A 400 or 500 to a create or an XML update, worded for the operator: CDCS answers
-    500 (or 400) for XML that fails the template, so the record is bad, not the server."""
-    what = f"update of record {record_id}" if record_id else "record"
-    return PermanentError(
-        f"CDCS rejected the {what} (template {template}): {exc}", status_code=exc.status_code
-    )
+def _server_fault(exc: PermanentError) -> DestinationError:
+    """A 500 to a request that cannot be wrong (a read): CDCS's own fault, worth a retry;
+    any other permanent error as it is."""
+    if exc.status_code != 500:
+        return exc
+    return TransientError(f"CDCS server fault (HTTP 500), retried: {exc}", status_code=500)
+
+
+def _write_failure(
+    exc: PermanentError, template: str, what: str, unchecked: str | None
+) -> DestinationError:
+    """A failed create or XML update, worded for the operator.
+
+    400: CDCS refused the request's fields. 500 for a record that passed the template here:
+    a fault of CDCS's (a database outage), retried. A 500 that is an access refusal, or
+    any other error, is permanent.
+    """
+    if exc.status_code == 400:
+        return PermanentError(
+            f"CDCS rejected {what} (template {template}): {exc}", status_code=exc.status_code
+        )
+    if exc.status_code == 500 and not any(r in str(exc) for r in _REFUSALS):
+        checked = (
+            f"which passes template {template}'s XSD here"
+            if unchecked is None
+            else f"which could not be checked against template {template} here ({unchecked})"
+        )
+        return TransientError(
+            f"CDCS answered HTTP 500 to {what}, {checked}: taken for a fault of CDCS's and "
+            f"retried: {exc}",
+            status_code=500,
+        )
+    return exc

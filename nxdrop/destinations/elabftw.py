@@ -1,71 +1,70 @@
-"""The eLabFTW destination: one experiment per session, through eLabFTW's REST API v2.
+"""The eLabFTW destination: one experiment per session, the one NexusLIMS documents.
 
-What it makes: an experiment titled ``<record title> (<session identifier>)`` (just the
-session identifier when the record has no title), with an HTML table of the session in its
-body, tags ``NexusLIMS``/instrument/user, extra fields in a "NexusLIMS" group, the record
-attached byte for byte, and a link to the CDCS record when CDCS ran first.
+What the experiment holds is built by :mod:`~nxdrop.destinations.elabftw_document` (pure
+functions: title, body, tags, extra fields, the PATCH that brings one up to date); the
+calls are :mod:`~nxdrop.destinations.elabftw_api`'s; this module decides what to do.
 
-One session, one experiment: its ``Session`` extra field says whose it is, its ``SHA-256``
-field which record it shows. New content for the session (``update``) rewrites that
-experiment's title, body and fields and attaches the new XML beside the old one; the same
-content again (``reconcile``) only adds what is new (the CDCS link). An experiment is ours
-only if its ``Session`` field is this session exactly: anything else found by id or by
-search is left alone.
+One session, one experiment. Its "Session ID" field says whose it is (or "Session", in an
+experiment made by an nxdrop older than NexusLIMS's shape: still ours), its "SHA-256" field
+which record it shows. New content for the session (``update``) rewrites that experiment's
+title, body and fields and attaches the new XML beside the old one; the same content again
+(``reconcile``) only adds what is new (the CDCS link). An experiment is ours only if its
+session field is this session exactly: anything else found by id or by search is left alone.
 
-No duplicates: every step looks before it acts. Before creating, ``export`` searches for
-the record's SHA-256 and then for the session identifier (``GET experiments?q=``, which
-searches title, body and elabid) and continues what it finds. An upload is recognised by
-the hash eLabFTW keeps of each file, the CDCS link by the field and the link in the body,
-new content by the SHA-256 field, which changes last. A retry after any failure, even after
-a request whose answer was lost, therefore does nothing twice, and nothing has to be
-carried from one attempt to the next.
+No duplicates: every step looks before it acts. Before creating, ``export`` looks for the
+session's experiment, archived ones included: on eLabFTW 5.4 and newer with the extended
+search for the exact field (``extrafield:"SHA-256":<sha>``, then the session field), on
+older servers with a text search for the session identifier (title and body); every hit is
+read and its fields compared exactly. An experiment is created without tags (a team may
+forbid users to create tags, and eLabFTW refuses such a create only after it has stored
+the experiment, with no id in its answer); the tags are added after, one at a time, and
+one the team does not let the key create is reported, not fatal. The upload is recognised
+by the hash eLabFTW keeps of each file, the CDCS link by the field and the link in the
+body, new content by the SHA-256 field, which changes last. A retry after any failure, even
+after a request whose answer was lost, therefore does nothing twice.
+
+Nothing a person wrote is overwritten when only the link is new: the body's "Related
+Records" part is appended (``bodyappend``) and the field merged in (``metadatamerge``, on
+eLabFTW 5.6 and newer; older servers get the metadata just read, changed).
+
+eLabFTW 5.2 is the oldest server supported (see ``elabftw_api.MINIMUM``): it is checked
+by ``nxdrop check`` and before every export.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import threading
-from datetime import datetime
-from html import escape
-from html.parser import HTMLParser
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from nxdrop.destinations import elabftw_document as doc
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
+from nxdrop.destinations.elabftw_api import (
+    ARCHIVED,
+    CONTENT_TYPE_ON_CREATE,
+    EXTENDED_SEARCH,
+    METADATA_MERGE,
+    ELabFTWApi,
+)
 from nxdrop.exceptions import DestinationError, PermanentError
-from nxdrop.http import HttpClient, check_base_url, join_url, multipart_body
+from nxdrop.http import HttpClient, check_base_url, join_url
 
 if TYPE_CHECKING:
     from nxdrop.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The experiment's document. Every name it shows is here, so that the coming change to
-# NexusLIMS's documented shape is made in these lines and in _title, _body and _fields.
-GROUP_ID, GROUP_NAME = 1, "NexusLIMS"
-SESSION_FIELD, INSTRUMENT_FIELD, USER_FIELD = "Session", "Instrument", "User"
-START_FIELD, END_FIELD = "Start", "End"
-SHA_FIELD, CDCS_FIELD = "SHA-256", "CDCS record"
-OUR_FIELDS = (
-    SESSION_FIELD,
-    INSTRUMENT_FIELD,
-    USER_FIELD,
-    START_FIELD,
-    END_FIELD,
-    SHA_FIELD,
-    CDCS_FIELD,
-)
-
 _LIST_LIMIT = 1000  # categories/statuses: the server's default page is 15
-_HASH_HITS = 5  # experiments whose text holds the SHA-256: ours, and anyone quoting it
-# The session search is SQL LIKE: "_" in an identifier matches any character, and a
-# longer identifier holds a shorter one, so neighbouring sessions are found too.
+_HASH_HITS = 5  # experiments whose SHA-256 field holds ours (a LIKE: a longer value too)
+# The session searches are SQL LIKE: "_" matches any character and a longer identifier
+# holds a shorter one, so neighbouring sessions are found too.
 _SESSION_HITS = 100
 
 
 class ELabFTWDestination(ExportDestination):
-    """Exports each session as one eLabFTW experiment with the XML attached."""
+    """Exports each session as the eLabFTW experiment NexusLIMS documents, XML attached."""
 
     name = "elabftw"
     priority = 85
@@ -76,6 +75,7 @@ class ELabFTWDestination(ExportDestination):
         self.status_setting: str | None = None
         self.team_setting = "current"
         self._client: HttpClient | None = None
+        self._api: ELabFTWApi | None = None
         self._lock = threading.Lock()
         self._ids: tuple[int | None, int | None] | None = None
 
@@ -94,6 +94,7 @@ class ELabFTWDestination(ExportDestination):
                 settings,
                 {"Authorization": key.get_secret_value(), "Accept": "application/json"},
             )
+            self._api = ELabFTWApi(self._client)
 
     @property
     def enabled(self) -> bool:
@@ -111,35 +112,34 @@ class ELabFTWDestination(ExportDestination):
         return self.site.rstrip("/") + "/" if self.site and self.enabled else ""
 
     def validate_config(self) -> tuple[bool, str | None]:
-        """Reach eLabFTW with the key (``GET users/me``) and resolve category and status."""
+        """Reach eLabFTW with the key (``GET users/me``), check its version (``GET info``)
+        and resolve category and status."""
         if not self.enabled:
             return False, self.disabled_reason
         try:
-            self._http.json("GET", "users/me")
+            self.api.me()
+            self.api.version()
             self._category_status()
         except DestinationError as exc:
             return False, str(exc)
         except Exception as exc:  # a check reports, it never raises
-            return False, self._http.redactor.scrub(f"unexpected {type(exc).__name__}: {exc}")
+            return False, self.api.http.redactor.scrub(f"unexpected {type(exc).__name__}: {exc}")
         return True, None
 
     def export(self, context: ExportContext) -> ExportResult:
         """Make the session's experiment, or continue the one it already has.
 
-        First the experiment an earlier attempt made for these exact bytes (found by their
-        SHA-256), then this session's experiment made for an earlier version (found by the
-        session identifier): either is brought up to date in place. Only when there is
-        neither is an experiment created.
+        First the experiment an earlier attempt made for these exact bytes, then this
+        session's experiment made for an earlier version: either is brought up to date in
+        place. Only when there is neither is an experiment created.
         """
+        self.api.version()  # an unsupported server is refused before anything is sent
         category, status = self._category_status()
-        sha, session = context.sha256, context.session_identifier
-        found = self._find_by_hash(sha, session) or self._find_by_session(session)
+        facts = _facts(context)
+        found = self._find(facts)
         if found is not None:
-            return self._bring_up_to_date(found, context)
-        cdcs = _cdcs_url(context)
-        experiment_id = self._create(context, sha, cdcs, category, status)
-        upload_id = self._upload(experiment_id, context, sha)
-        return self._result(experiment_id, upload_id, cdcs)
+            return self._complete(found, facts, context)
+        return self._create(facts, context, category, status)
 
     def update(self, context: ExportContext, previous: ExportResult) -> ExportResult:
         """New content for the session: rewrite the experiment ``previous`` made, in place.
@@ -149,54 +149,43 @@ class ELabFTWDestination(ExportDestination):
         experiment that is gone or is not this session's is left alone: the record is
         exported instead.
         """
+        self.api.version()
         found = self._ours(previous.record_id, context.session_identifier)
         if found is None:
             return self.export(context)
-        return self._bring_up_to_date(found, context)
+        return self._complete(found, _facts(context), context)
 
     def reconcile(self, context: ExportContext, earlier: ExportResult) -> ExportResult:
         """The same record again: check the experiment ``earlier`` made and add what is new.
 
         If it is still there, this session's and showing these bytes, the CDCS link is added
-        when CDCS has one the experiment lacks, and the XML attached again if it was removed.
-        Otherwise the record is exported (which continues the session's experiment, if any).
+        when CDCS has one the experiment lacks, missing tags are added, and the XML attached
+        again if it was removed. Otherwise the record is exported (which continues the
+        session's experiment, if any).
         """
+        self.api.version()
         found = self._ours(earlier.record_id, context.session_identifier)
-        if found is None or _value(found, SHA_FIELD) != context.sha256:
+        if found is None or doc.sha_of(found) != context.sha256:
             return self.export(context)
-        return self._bring_up_to_date(found, context)
+        return self._complete(found, _facts(context), context)
 
     # -- finding our experiment --------------------------------------------------------
 
     @property
-    def _http(self) -> HttpClient:
-        if self._client is None:
+    def api(self) -> ELabFTWApi:
+        if self._api is None:
             raise PermanentError("eLabFTW is not configured (NX_ELABFTW_URL, NX_ELABFTW_API_KEY)")
-        return self._client
-
-    def _read(self, experiment_id: int) -> dict[str, Any] | None:
-        """The experiment, in full (with its uploads); ``None`` if it is not there for us."""
-        try:
-            experiment = self._http.json("GET", f"experiments/{experiment_id}")
-        except PermanentError as exc:
-            # 404: no such id. 403: deleted (eLabFTW keeps a deleted experiment but refuses
-            # to show it) or no longer readable with this key. Not ours to change either way.
-            if exc.status_code in (403, 404):
-                return None
-            raise
-        if not isinstance(experiment, dict):
-            raise PermanentError(f"GET experiments/{experiment_id}: not an experiment")
-        return dict(experiment, id=experiment_id)
+        return self._api
 
     def _ours(self, record_id: str | None, session: str) -> dict[str, Any] | None:
         """The experiment ``record_id`` if it is still there and is this session's."""
         if not record_id or not record_id.isdigit():
             return None
-        experiment = self._read(int(record_id))
+        experiment = self.api.read(int(record_id))
         if experiment is None:
             why = "is gone (deleted, or not readable with this API key)"
-        elif _value(experiment, SESSION_FIELD) != session:
-            why = f"belongs to session {_value(experiment, SESSION_FIELD)!r}"
+        elif doc.session_of(experiment) != session:
+            why = f"belongs to session {doc.session_of(experiment)!r}"
         else:
             return experiment
         log.warning(
@@ -208,117 +197,203 @@ class ELabFTWDestination(ExportDestination):
         )
         return None
 
-    def _search(self, term: str, limit: int) -> list[dict[str, Any]]:
-        hits = self._http.json("GET", "experiments", params={"q": term, "limit": limit})
-        hits = hits if isinstance(hits, list) else []
-        return [h for h in hits if isinstance(h, dict) and isinstance(h.get("id"), int)]
+    def _find(self, facts: doc.Facts) -> dict[str, Any] | None:
+        """This session's experiment: the one for these bytes, else the newest of the session.
 
-    def _find_by_hash(self, sha: str, session: str) -> dict[str, Any] | None:
-        """This session's experiment for these exact bytes, if an earlier attempt made it."""
-        for hit in self._search(sha, _HASH_HITS):
-            if not (_may_hold(hit, SHA_FIELD, sha) and _may_hold(hit, SESSION_FIELD, session)):
-                continue
-            experiment = self._read(hit["id"])
-            if (
-                experiment is not None
-                and _value(experiment, SHA_FIELD) == sha
-                and _value(experiment, SESSION_FIELD) == session
-            ):
-                return experiment
-        return None
-
-    def _find_by_session(self, session: str) -> dict[str, Any] | None:
-        """This session's experiment made for another version of the record; the newest if
-        there are several (before nxdrop kept one per session, each version made one)."""
-        hits = self._search(_quoted(session), _SESSION_HITS)
-        hits = [h for h in hits if _may_hold(h, SESSION_FIELD, session)]
-        for hit in sorted(hits, key=lambda h: int(h["id"]), reverse=True):
-            experiment = self._read(hit["id"])
-            if experiment is not None and _value(experiment, SESSION_FIELD) == session:
-                return experiment
-        return None
-
-    # -- changing it ---------------------------------------------------------------------
-
-    def _bring_up_to_date(self, experiment: dict[str, Any], context: ExportContext) -> ExportResult:
-        """Make this session's ``experiment`` show the record; do only what is missing.
-
-        The upload comes first and the SHA-256 field changes last, so the field never names
-        bytes that are not attached, and a retry (whatever reply was lost) finds every step
-        it has done: the upload by its hash, the fields and the link by their values.
+        The extended search names the field, so an experiment whose title, body or
+        custom_id happens to match is not even listed; the text search of older servers
+        lists them, and the exact comparison of the fields sorts them out.
         """
-        experiment_id = int(experiment["id"])
-        sha = context.sha256
-        # CDCS's result now, else the link the experiment has: a CDCS failure this time
-        # round does not take away a link that works.
-        cdcs = _cdcs_url(context) or _value(experiment, CDCS_FIELD)
-        try:
-            upload_id = _attached(experiment, sha)
-            if upload_id is None:
-                upload_id = self._upload(experiment_id, context, sha)
-            changes = _changes(experiment, context, sha, cdcs)
-            if changes:
-                self._http.request("PATCH", f"experiments/{experiment_id}", json=changes)
-        except PermanentError as exc:
-            if exc.status_code != 403:
-                raise
-            # Readable but not writable: locked (a timestamp locks it) by someone else, or
-            # write access withdrawn. A second experiment for the session is no answer.
-            raise PermanentError(
-                f"eLabFTW experiment {experiment_id} of session {context.session_identifier} "
-                f"cannot be changed with this API key (locked by someone else, or no write "
-                f"access): {exc}",
-                status_code=exc.status_code,
-            ) from exc
-        return self._result(experiment_id, upload_id, cdcs)
+        if self.api.version() >= EXTENDED_SEARCH:
+            by_hash = _field_query(doc.SHA_256, facts.sha256)
+            by_session = " OR ".join(
+                _field_query(name, facts.session) for name in (doc.SESSION_ID, doc.OLD_SESSION)
+            )
+            try:
+                found = self._pick(self.api.search(extended=by_hash, limit=_HASH_HITS), facts)
+                if found is not None and doc.sha_of(found) == facts.sha256:
+                    return found
+                return self._pick(self.api.search(extended=by_session, limit=_SESSION_HITS), facts)
+            except PermanentError as exc:
+                if exc.status_code != 400:
+                    raise
+                # The query's grammar refused (a session identifier with a line break, say):
+                # the text search still finds the session's experiment by its title.
+                log.info("eLabFTW refused the extended search (%s); searching the text", exc)
+        return self._pick(self.api.search(q=_text_term(facts.session), limit=_SESSION_HITS), facts)
+
+    def _pick(self, hits: list[dict[str, Any]], facts: doc.Facts) -> dict[str, Any] | None:
+        """Of ``hits``, the session's experiment for these bytes, else its newest one (before
+        nxdrop kept one experiment per session, each version of a record made one)."""
+        newest: dict[str, Any] | None = None
+        for hit in sorted(hits, key=lambda h: int(h["id"]), reverse=True):
+            if not doc.may_be_ours(hit, facts.session, None):
+                continue
+            experiment = self.api.read(int(hit["id"]))
+            if experiment is None or doc.session_of(experiment) != facts.session:
+                continue
+            if doc.sha_of(experiment) == facts.sha256:
+                return experiment
+            newest = newest or experiment
+        return newest
+
+    # -- making and changing it --------------------------------------------------------
 
     def _create(
         self,
+        facts: doc.Facts,
         context: ExportContext,
-        sha: str,
-        cdcs: str | None,
         category: int | None,
         status: int | None,
-    ) -> int:
-        tags = ["NexusLIMS", context.instrument_pid or "", context.user or ""]
+    ) -> ExportResult:
         payload: dict[str, Any] = {
-            "title": _title(context),
-            "body": _body(context, sha, cdcs),
-            "content_type": 1,  # HTML
-            # Not in the spec's entity_editable, but the server's create reads it (and Prism
-            # lets it through): one request, so an experiment never exists untagged.
-            "tags": list(dict.fromkeys(t for t in tags if t)),
-            "metadata": _with_fields({}, _fields(context, sha, cdcs)),
+            "title": doc.title(facts),
+            "body": doc.body(facts),
+            "content_type": doc.HTML,
+            # The SHA-256 is stored with the experiment itself, so whatever happens after
+            # this request (a lost answer, a crash), the next attempt finds it.
+            "metadata": doc.new_metadata(facts),
         }
         if category is not None:
             payload["category"] = category
         if status is not None:
             payload["status"] = status
-        reply = self._http.request("POST", "experiments", json=payload)
-        return self._id_from_location(reply.headers.get("Location"), "POST experiments")
-
-    def _upload(self, experiment_id: int, context: ExportContext, sha: str) -> int | None:
-        """Attach the record: its bytes are sent as they are, never copied into one body."""
-        body = multipart_body(
-            {"comment": f"NexusLIMS record {context.session_identifier} (sha256 {sha})"},
-            "file",
-            f"{context.session_identifier}.xml",
-            context.content,
-            "application/xml",
-            # A fixed boundary: a retried upload sends the same bytes as the first.
-            boundary=f"nxdrop{sha[:32]}",
+        experiment_id = self.api.create(payload)
+        upload_id = self.api.upload(
+            experiment_id, f"{facts.session}.xml", context.content, facts.sha256
         )
-        reply = self._http.request("POST", f"experiments/{experiment_id}/uploads", data=body)
-        location = reply.headers.get("Location")
-        return self._id_from_location(location, "POST uploads") if location else None
+        missing = self._add_tags(experiment_id, doc.tags(facts), facts.session)
+        if self.api.version() < CONTENT_TYPE_ON_CREATE:
+            # Older servers store the key's preferred editor instead: the body is HTML.
+            self.api.patch(experiment_id, {"content_type": doc.HTML})
+        return self._result(experiment_id, upload_id, facts.cdcs_url, missing)
 
-    def _id_from_location(self, location: str | None, what: str) -> int:
-        """The new id: the last path segment of ``Location`` (its host may not be ours)."""
-        segment = urlsplit(location or "").path.rstrip("/").rpartition("/")[2]
-        if not segment.isdigit():
-            shown = self._http.redactor.cut(location or "", 200)
-            raise PermanentError(f"{what}: no id in the Location header ({shown!r})")
-        return int(segment)
+    def _complete(
+        self, experiment: dict[str, Any], facts: doc.Facts, context: ExportContext
+    ) -> ExportResult:
+        """Make this session's ``experiment`` show the record; do only what is missing.
+
+        The upload comes first and the SHA-256 field changes last, so the field never names
+        bytes that are not attached, and a retry (whatever reply was lost) finds every step
+        it has done: the upload by its hash, the tags, the fields and the link by their
+        values.
+        """
+        experiment_id = int(experiment["id"])
+        # CDCS's result now, else the link the experiment has: a CDCS failure this time
+        # round does not take away a link that works.
+        facts = replace(facts, cdcs_url=facts.cdcs_url or doc.cdcs_of(experiment))
+        if experiment.get("state") == ARCHIVED:
+            return self._archived(experiment, facts)
+        version = self.api.version()
+        try:
+            upload_id = doc.attached(experiment, facts.sha256)
+            if upload_id is None:
+                upload_id = self.api.upload(
+                    experiment_id, f"{facts.session}.xml", context.content, facts.sha256
+                )
+            wanted = doc.missing_tags(experiment, doc.tags(facts))
+            missing = self._add_tags(experiment_id, wanted, facts.session)
+            changes = doc.changes(
+                experiment,
+                facts,
+                merge=version >= METADATA_MERGE,
+                fix_content_type=version < CONTENT_TYPE_ON_CREATE,
+            )
+            if changes:
+                self.api.patch(experiment_id, changes)
+        except PermanentError as exc:
+            if exc.status_code not in (403, 422):
+                raise
+            # Readable but not writable: locked (a timestamp or a colleague locks it),
+            # archived meanwhile, or write access withdrawn. A second experiment for the
+            # session is no answer.
+            raise PermanentError(
+                f"eLabFTW experiment {experiment_id} of session {facts.session} cannot be "
+                f"changed with this API key (locked or archived by someone, or no write "
+                f"access): {exc}",
+                status_code=exc.status_code,
+            ) from exc
+        return self._result(experiment_id, upload_id, facts.cdcs_url, missing)
+
+    def _archived(self, experiment: dict[str, Any], facts: doc.Facts) -> ExportResult:
+        """An archived experiment of the session: eLabFTW lets nothing change it but
+        unarchiving (src/models/AbstractEntity.php ``patch``: 422), and nxdrop does not
+        undo what a person decided. The same record is there: reuse it; new content: say so.
+        """
+        experiment_id = int(experiment["id"])
+        upload_id = doc.attached(experiment, facts.sha256)
+        if doc.sha_of(experiment) != facts.sha256 or upload_id is None:
+            raise PermanentError(
+                f"eLabFTW experiment {experiment_id} of session {facts.session} is archived, "
+                f"and eLabFTW allows no change to an archived experiment: unarchive it so "
+                f"that nxdrop can bring it up to date (attach this version of the record)",
+                status_code=422,
+            )
+        linked = doc.cdcs_of(experiment)
+        if facts.cdcs_url and linked != facts.cdcs_url:
+            log.warning(
+                "eLabFTW experiment %s of session %s is archived: the CDCS link %s is not "
+                "added (unarchive it and export the record again to add it)",
+                experiment_id,
+                facts.session,
+                facts.cdcs_url,
+                extra={"SESSION_ID": facts.session, "DESTINATION": self.name},
+            )
+        return self._result(experiment_id, upload_id, linked, [], archived=True)
+
+    def _add_tags(self, experiment_id: int, tags: list[str], session: str) -> list[str]:
+        """Add ``tags`` one at a time; the ones eLabFTW refuses are returned, not raised.
+
+        A team can forbid users to create tags (``user_create_tag`` off): a tag the team
+        has is then added, a new one refused with 400 "Users cannot create tags."
+        (src/models/Tags.php ``create``). The experiment is complete without it; an admin
+        can create the tag, and the next export of the session adds it.
+        """
+        refused: list[str] = []
+        reasons: list[str] = []
+        for tag in tags:
+            try:
+                self.api.add_tag(experiment_id, tag)
+            except PermanentError as exc:
+                if exc.status_code != 400:
+                    raise
+                refused.append(tag)
+                reasons.append(str(exc))
+        if refused:
+            log.warning(
+                "eLabFTW experiment %s of session %s: tags %s could not be added (%s); an "
+                "eLabFTW admin can create them or let users create tags, and the next export "
+                "of this session adds them",
+                experiment_id,
+                session,
+                ", ".join(repr(t) for t in refused),
+                reasons[0],
+                extra={"SESSION_ID": session, "DESTINATION": self.name},
+            )
+        return refused
+
+    def _result(
+        self,
+        experiment_id: int,
+        upload_id: int | None,
+        cdcs: str | None,
+        missing_tags: list[str],
+        *,
+        archived: bool = False,
+    ) -> ExportResult:
+        assert self.site is not None
+        metadata: dict[str, Any] = {"upload_id": upload_id, "cdcs_url": cdcs}
+        if missing_tags:
+            metadata["tags_missing"] = missing_tags
+        if archived:
+            metadata["archived"] = True
+        return ExportResult(
+            success=True,
+            destination_name=self.name,
+            record_id=str(experiment_id),
+            record_url=join_url(self.site, f"experiments.php?mode=view&id={experiment_id}"),
+            metadata=metadata,
+        )
 
     # -- category, status, team ----------------------------------------------------------
 
@@ -335,22 +410,40 @@ class ELabFTWDestination(ExportDestination):
                 )
             return self._ids
 
-    def _resolve(self, what: str, value: str | None, path: str, team: list[int]) -> int | None:
+    def _resolve(self, what: str, value: str | None, kind: str, team: list[int]) -> int | None:
+        """An id as it is, a title looked up among the team's own entries.
+
+        Since eLabFTW 5.4 the list holds other teams' entries too, those not private
+        (src/models/AbstractStatus.php ``readAll``: ``is_private = 0 OR team = :team``);
+        each carries its ``team``. Another team's entry of the same title is not ours.
+        """
         if value is None or value.isdigit():
             return int(value) if value else None
         if not team:
             team.append(self._team_id())
-        entries = self._http.json("GET", f"teams/{team[0]}/{path}", params={"limit": _LIST_LIMIT})
-        entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
-        titles = {str(e.get("title", "")).strip().casefold(): e for e in entries}
-        entry = titles.get(value.casefold())
-        if entry is None:
+        entries = [
+            e
+            for e in self.api.entries(team[0], kind, _LIST_LIMIT)
+            if e.get("team") is None or e.get("team") == team[0]
+        ]
+        matches = [e for e in entries if str(e.get("title", "")).strip() == value]
+        if not matches:
+            folded = value.casefold()
+            matches = [e for e in entries if str(e.get("title", "")).strip().casefold() == folded]
+        setting = f"NX_ELABFTW_EXPERIMENT_{what}={value!r}"
+        if not matches:
             available = ", ".join(repr(e.get("title")) for e in entries) or "none"
             raise PermanentError(
-                f"NX_ELABFTW_EXPERIMENT_{what}={value!r}: no such experiment "
-                f"{what.lower()} in team {team[0]}; available: {available}"
+                f"{setting}: no such experiment {what.lower()} in team {team[0]}; "
+                f"available: {available}"
             )
-        return int(entry["id"])
+        if len(matches) > 1:
+            ids = ", ".join(str(e.get("id")) for e in matches)
+            raise PermanentError(
+                f"{setting}: team {team[0]} has several experiment {what.lower()} entries of "
+                f"that title (ids {ids}); set the id instead"
+            )
+        return int(matches[0]["id"])
 
     def _team_id(self) -> int:
         """NX_ELABFTW_TEAM as an id; ``current`` is the key's team, from ``users/me``.
@@ -362,8 +455,7 @@ class ELabFTWDestination(ExportDestination):
             return int(self.team_setting)
         if self.team_setting != "current":
             raise PermanentError(f"NX_ELABFTW_TEAM={self.team_setting!r}: a team id or 'current'")
-        me = self._http.json("GET", "users/me")
-        me = me if isinstance(me, dict) else {}
+        me = self.api.me()
         team, teams = me.get("team"), me.get("teams") or []
         if not isinstance(team, int) and len(teams) == 1 and isinstance(teams[0], dict):
             team = teams[0].get("id")  # the spec's users_full lists teams; the server adds team
@@ -371,239 +463,47 @@ class ELabFTWDestination(ExportDestination):
             raise PermanentError("cannot tell the API key's team; set NX_ELABFTW_TEAM to its id")
         return team
 
-    def _result(self, experiment_id: int, upload_id: int | None, cdcs: str | None) -> ExportResult:
-        assert self.site is not None
-        return ExportResult(
-            success=True,
-            destination_name=self.name,
-            record_id=str(experiment_id),
-            record_url=join_url(self.site, f"experiments.php?mode=view&id={experiment_id}"),
-            metadata={"upload_id": upload_id, "cdcs_url": cdcs},
-        )
 
-
-def _cdcs_url(context: ExportContext) -> str | None:
+def _facts(context: ExportContext) -> doc.Facts:
     cdcs = context.successful_result("cdcs")
-    return cdcs.record_url if cdcs is not None and cdcs.record_url else None
-
-
-def _quoted(term: str) -> str:
-    """``term`` as one quoted term of eLabFTW's search grammar.
-
-    Unquoted, a leading ``-`` or ``!`` negates, ``title:`` names a field, and a space,
-    quote or parenthesis breaks the term (src/node/grammar/queryGrammar.pegjs).
-    """
-    return '"' + term.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _is_http(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
-
-
-def _link(url: str) -> str:
-    """An escaped ``<a>`` for an http(s) URL; any other scheme (``javascript:``) stays text."""
-    text = escape(url, quote=True)
-    return f'<a href="{text}">{text}</a>' if _is_http(url) else text
-
-
-def _link_line(cdcs: str) -> str:
-    """The line added to the body of an experiment made before CDCS had the record."""
-    return f"<p>{escape(CDCS_FIELD)}: {_link(cdcs)}</p>"
-
-
-def _title(context: ExportContext) -> str:
-    record = context.record
-    if record is not None and record.title:
-        return f"{record.title} ({context.session_identifier})"
-    return context.session_identifier
-
-
-def _body(context: ExportContext, sha: str, cdcs: str | None) -> str:
-    """The experiment's main text: the session as a table; every value HTML-escaped."""
-    rows = [
-        (SESSION_FIELD, escape(context.session_identifier)),
-        (INSTRUMENT_FIELD, escape(context.instrument_pid or "")),
-        (USER_FIELD, escape(context.user or "")),
-        (START_FIELD, escape(context.dt_from.isoformat() if context.dt_from else "")),
-        (END_FIELD, escape(context.dt_to.isoformat() if context.dt_to else "")),
-        (SHA_FIELD, escape(sha)),
-    ]
-    if cdcs:
-        rows.append((CDCS_FIELD, _link(cdcs)))
-    cells = "".join(f"<tr><th>{escape(name)}</th><td>{value}</td></tr>" for name, value in rows)
-    name = escape(f"{context.session_identifier}.xml")
-    return (
-        "<p>NexusLIMS experiment record, exported by nxdrop; the record is attached as "
-        f"<code>{name}</code>.</p><table><tbody>{cells}</tbody></table>"
+    return doc.Facts(
+        session=context.session_identifier,
+        instrument=context.instrument_pid,
+        user=context.user,
+        start=context.dt_from,
+        end=context.dt_to,
+        sha256=context.sha256,
+        cdcs_url=cdcs.record_url if cdcs is not None and cdcs.record_url else None,
     )
 
 
-def _fields(context: ExportContext, sha: str, cdcs: str | None) -> dict[str, dict[str, Any]]:
-    """Our extra fields, in order; datetimes as the record's local wall time."""
-    fields: dict[str, dict[str, Any]] = {SESSION_FIELD: _text(context.session_identifier)}
-    if context.instrument_pid:
-        fields[INSTRUMENT_FIELD] = _text(context.instrument_pid)
-    if context.user:
-        fields[USER_FIELD] = _text(context.user)
-    for name, when in ((START_FIELD, context.dt_from), (END_FIELD, context.dt_to)):
-        if when is not None:
-            fields[name] = _datetime(when)
-    fields[SHA_FIELD] = _text(sha)
-    if cdcs:
-        fields[CDCS_FIELD] = _cdcs_field(cdcs)
-    for position, field in enumerate(fields.values()):
-        field["position"] = position
-    return fields
+def _text_term(session: str) -> str:
+    """A quoted term of eLabFTW's text search that finds the session's experiment by title.
 
-
-def _with_fields(
-    metadata: dict[str, Any], fields: dict[str, dict[str, Any]], *, replace: bool = False
-) -> dict[str, Any]:
-    """``metadata`` with ``fields`` set in the NexusLIMS group (declared if it is not).
-
-    Whatever else it holds stays: fields people added, eLabFTW's own settings. With
-    ``replace`` our fields that ``fields`` lacks go (an instrument the new record has not).
+    The grammar has changed over the releases (src/node/grammar/queryGrammar.pegjs): how a
+    backslash inside quotes reads differs, and a line break ends the query with a syntax
+    error. The longest piece of the identifier without any of those is searched instead:
+    the search is a LIKE anyway and every hit is compared exactly, so a broader search
+    finds the same experiment.
     """
-    old = metadata.get("extra_fields")
-    extra = dict(old) if isinstance(old, dict) else {}
-    if replace:
-        extra = {k: v for k, v in extra.items() if k not in OUR_FIELDS}
-    for name, field in fields.items():
-        extra[name] = {**field, "group_id": GROUP_ID}
-    settings = metadata.get("elabftw")
-    settings = dict(settings) if isinstance(settings, dict) else {}
-    groups = settings.get("extra_fields_groups")
-    groups = list(groups) if isinstance(groups, list) else []
-    if not any(isinstance(g, dict) and g.get("id") == GROUP_ID for g in groups):
-        groups.append({"id": GROUP_ID, "name": GROUP_NAME})
-    settings["extra_fields_groups"] = groups
-    return {**metadata, "extra_fields": extra, "elabftw": settings}
+    piece = max(re.split(r'[\\"\n\r\f]+', session), key=len)
+    # Nothing searchable left: every experiment of ours has the title's prefix.
+    return f'"{piece or doc.TITLE_PREFIX.strip()}"'
 
 
-def _changes(
-    experiment: dict[str, Any], context: ExportContext, sha: str, cdcs: str | None
-) -> dict[str, Any]:
-    """The PATCH that makes ``experiment`` show this record; empty if it does already.
+def _field_query(name: str, value: str) -> str:
+    """``extrafield:"<name>":"<value>"``, the value matched literally.
 
-    The real server wants ``metadata`` as a JSON *string* on PATCH (the spec says object).
+    The grammar (src/node/grammar/queryGrammar.pegjs FieldMetadata, List2, Escape) reads
+    ``\\"`` as a quote and ``\\%`` ``\\_`` as the SQL wildcards taken literally; any other
+    backslash is a backslash. The match is still ``LIKE '%value%'`` on the lower-cased
+    field (QueryBuilderVisitor::visitMetadataField), so hits are compared exactly after.
     """
-    metadata = _metadata(experiment)
-    stored = experiment.get("body")
-    body = stored if isinstance(stored, str) else ""
-    changes: dict[str, Any] = {}
-    if _value(experiment, SHA_FIELD) == sha:
-        # It shows these bytes already: add the CDCS link, each half only where it is
-        # missing, and keep the rest (people may have written in the body since).
-        if cdcs and _value(experiment, CDCS_FIELD) != cdcs:
-            position = _field(experiment, CDCS_FIELD).get("position")
-            if not isinstance(position, int):
-                position = len(metadata.get("extra_fields") or {})
-            field = {**_cdcs_field(cdcs), "position": position}
-            changes["metadata"] = json.dumps(_with_fields(metadata, {CDCS_FIELD: field}))
-        if cdcs and not _shows(body, cdcs):
-            changes["body"] = body + _link_line(cdcs)
-        return changes
-    # Another version of the record: title, body and our fields describe this one (the
-    # earlier body stays in eLabFTW's revisions). The server applies a PATCH key by key in
-    # the order sent (AbstractEntity::patch), so metadata, with the SHA-256, goes last: a
-    # PATCH cut short leaves the old hash, and the next attempt does it all again.
-    title = _title(context)
-    if experiment.get("title") != title:
-        changes["title"] = title
-    new_body = _body(context, sha, cdcs)
-    if body != new_body:
-        changes["body"] = new_body
-    new_metadata = _with_fields(metadata, _fields(context, sha, cdcs), replace=True)
-    if new_metadata != metadata:
-        changes["metadata"] = json.dumps(new_metadata)
-    return changes
 
+    def quoted(text: str) -> str:
+        escaped = "".join("\\" + c if c in '%_"' else c for c in text)
+        return f'"{escaped}"'
 
-def _text(value: str) -> dict[str, Any]:
-    return {"type": "text", "value": value}
-
-
-def _datetime(when: datetime) -> dict[str, Any]:
-    # datetime-local has no zone: the record's own wall time; the full value in description.
-    return {
-        "type": "datetime-local",
-        "value": when.strftime("%Y-%m-%dT%H:%M"),
-        "description": when.isoformat(),
-    }
-
-
-def _cdcs_field(cdcs: str) -> dict[str, Any]:
-    # eLabFTW shows a url field as a link: only for http(s).
-    return {"type": "url" if _is_http(cdcs) else "text", "value": cdcs}
-
-
-def _metadata(experiment: Any) -> dict[str, Any]:
-    """An experiment's metadata as a dict: the server sends a JSON string and a decoded copy."""
-    if not isinstance(experiment, dict):
-        return {}
-    for value in (experiment.get("metadata_decoded"), experiment.get("metadata")):
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                continue
-        if isinstance(value, dict):
-            return value
-    return {}
-
-
-def _field(experiment: Any, name: str) -> dict[str, Any]:
-    fields = _metadata(experiment).get("extra_fields")
-    field = fields.get(name) if isinstance(fields, dict) else None
-    return field if isinstance(field, dict) else {}
-
-
-def _value(experiment: Any, name: str) -> str | None:
-    """The value of one of our extra fields, if it has a text value."""
-    value = _field(experiment, name).get("value")
-    return value if isinstance(value, str) and value else None
-
-
-def _may_hold(hit: dict[str, Any], name: str, value: str) -> bool:
-    """False only when a search hit shows its metadata and the field has another value
-    (the listing's metadata spares a GET per stranger; a listing without it says nothing)."""
-    if "metadata" not in hit and "metadata_decoded" not in hit:
-        return True
-    return _value(hit, name) == value
-
-
-class _Html(HTMLParser):
-    """The link targets and the text of an HTML fragment, entities decoded."""
-
-    def __init__(self, html: str) -> None:
-        super().__init__(convert_charrefs=True)
-        self.hrefs: set[str] = set()
-        self.text: list[str] = []
-        self.feed(html)
-        self.close()
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.hrefs.update(v for k, v in attrs if tag == "a" and k == "href" and v is not None)
-
-    def handle_data(self, data: str) -> None:
-        self.text.append(data)
-
-
-def _shows(body: str, url: str) -> bool:
-    """Whether ``body`` links to ``url`` or shows it (our links show their URL as text).
-
-    Parsed, not compared with what was sent: eLabFTW's HTML purifier rewrites the body it
-    stores (src/services/Filter.php: links get ``target="_blank" rel="noreferrer
-    noopener"``, and it may normalise an href), but the text of a link stays as it was.
-    """
-    html = _Html(body)
-    return url in html.hrefs or url in "".join(html.text)
-
-
-def _attached(experiment: dict[str, Any], sha: str) -> int | None:
-    """The id of an upload of these exact bytes (the server keeps each upload's sha256)."""
-    for upload in experiment.get("uploads") or []:
-        if isinstance(upload, dict) and upload.get("hash") == sha:
-            return int(upload["id"])
-    return None
+    # A hex SHA-256 goes bare, as the search syntax documents it.
+    bare = re.fullmatch(r"[A-Za-z0-9.-]+", value) is not None
+    return f"extrafield:{quoted(name)}:{value if bare else quoted(value)}"

@@ -1,4 +1,10 @@
-"""The eLabFTW destination against a stateful fake eLabFTW and the Prism mock of the spec."""
+"""The eLabFTW destination against a stateful fake eLabFTW and the Prism mock of the spec.
+
+The fake is the newest release it knows (``NEWEST``) unless a test says otherwise; the
+tests that must hold on every supported server run against one that has the extended
+search (5.6) and one that has not (5.3). ``test_elabftw_releases.py`` covers what differs
+between releases; ``test_elabftw_document.py`` the document on its own.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import urllib3
 from nxdrop.app import App
 from nxdrop.destinations.base import ExportContext, ExportResult
 from nxdrop.destinations.elabftw import ELabFTWDestination
+from nxdrop.destinations.elabftw_api import METADATA_MERGE
 from nxdrop.exceptions import ConfigError, DestinationError, PermanentError, TransientError
 from nxdrop.pipeline import Outcome
 from nxdrop.records import RecordReader
@@ -36,6 +43,9 @@ from tests.fixtures.hostile import (
 SESSION = "2018-11-13_FEI-Titan-TEM_204"
 CDCS_URL = "https://cdcs.example.org/data?id=65a1&x=1"
 TITLE = b"Test record with a multi-dataset file"
+RELEASES = pytest.mark.parametrize(
+    "release", ["5.6.0", "5.3.0"], ids=["extended-search", "text-search"]
+)
 
 
 @pytest.fixture
@@ -104,17 +114,23 @@ def fake_api(fake: FakeELabFTW, method: str, path: str, **kwargs: Any) -> reques
 
 def stranger(exp_id: int, session: str, **extra: Any) -> dict[str, Any]:
     """An experiment nxdrop did not make for SESSION: another session's, made by hand."""
-    metadata = {"extra_fields": {"Session": {"type": "text", "value": session}}}
+    metadata = {"extra_fields": {"Session ID": {"type": "text", "value": session}}}
     return {
         "id": exp_id,
         "title": f"Notes on {session}",
         "body": f"<p>{session}</p>",
         "metadata": json.dumps(metadata),
+        "custom_id": None,
         "tags": [],
         "uploads": [],
         "state": 1,
         **extra,
     }
+
+
+def searches(fake: FakeELabFTW) -> list[dict[str, str]]:
+    """The searches the destination made, each as its query parameters."""
+    return [{k: v[0] for k, v in r.query.items()} for r in fake.calls("GET", "experiments")]
 
 
 class Tags(HTMLParser):
@@ -129,6 +145,49 @@ class Tags(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.add(tag)
         self.hrefs += [v for k, v in attrs if k == "href"]
+
+
+class Outline(HTMLParser):
+    """A body as a reader sees it: its top-level blocks in order, a heading as its text, a
+    list as the texts of its items; and the links, as (text, target)."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.blocks: list[tuple[str, Any]] = []
+        self.links: list[tuple[str, str | None]] = []
+        self._open: list[str] = []
+        self._href: str | None = None
+        self._link_text = ""
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if not self._open:
+            self.blocks.append((tag, [] if tag == "ul" else ""))
+        elif tag == "li":
+            self.blocks[-1][1].append("")
+        if tag == "a":
+            self._href, self._link_text = dict(attrs).get("href"), ""
+        self._open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a":
+            self.links.append((self._link_text, self._href))
+        if self._open and self._open[-1] == tag:
+            self._open.pop()
+
+    def handle_data(self, data: str) -> None:
+        if not self._open:
+            if data.strip():
+                self.blocks.append(("text", data.strip()))
+            return
+        if "a" in self._open:
+            self._link_text += data
+        kind, content = self.blocks[-1]
+        if kind == "ul":
+            if "li" in self._open:
+                content[-1] += data
+        else:
+            self.blocks[-1] = (kind, content + data)
 
 
 # -- configuration -----------------------------------------------------------------------
@@ -157,52 +216,103 @@ def test_configure_does_not_touch_the_network(
     assert elabftw_fake.requests == []
 
 
-# -- export ------------------------------------------------------------------------------
+# -- the experiment NexusLIMS documents ----------------------------------------------------
 
 
-def test_export_makes_one_complete_experiment(
+def test_the_experiment_is_the_one_nexuslims_documents(
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
     place: Callable[..., Path],
 ) -> None:
+    """Field by field, the contract's words: "title ``NexusLIMS Experiment - <session>``;
+    body ``<h1>NexusLIMS Microscopy Session</h1>``, then ``<h2>Session Details</h2>`` with a
+    list of Session ID, Instrument, User, Start, End, then ``<h2>Related Records</h2>`` with
+    a "View in CDCS" link when CDCS holds the record; tags ``NexusLIMS``, the instrument and
+    the user name; ``extra_fields`` for the session times, instrument, user and CDCS URL
+    (NexusLIMS's field names); the XML attached"."""
     path = place(name=f"{SESSION}.xml")
-    dest = destination(
-        elabftw_experiment_category="microscopy",  # a title, past the default page of 15
-        elabftw_experiment_status="2",  # an id
-    )
-    result = dest.export(context_for(path, CDCS_URL))
+    result = destination().export(context_for(path, CDCS_URL))
 
-    assert list(elabftw_fake.experiments) == [1]
-    exp = elabftw_fake.experiments[1]
-    assert exp["title"] == f"Test record with a multi-dataset file ({SESSION})"
-    assert (exp["category"], exp["status"], exp["content_type"]) == (20, 2, 1)
+    [exp] = elabftw_fake.experiments.values()
+    assert exp["title"] == "NexusLIMS Experiment - 2018-11-13_FEI-Titan-TEM_204"
+
+    body = Outline(exp["body"])
+    assert body.blocks == [
+        ("h1", "NexusLIMS Microscopy Session"),
+        ("h2", "Session Details"),
+        (
+            "ul",
+            [
+                "Session ID: 2018-11-13_FEI-Titan-TEM_204",
+                "Instrument: FEI-Titan-TEM",
+                "User: Ned Land (ned)",
+                "Start: 2018-11-13T10:00:00-07:00",
+                "End: 2018-11-13T15:00:00-07:00",
+            ],
+        ),
+        ("h2", "Related Records"),
+        ("ul", ["View in CDCS"]),
+    ]
+    assert body.links == [("View in CDCS", CDCS_URL)]
+    assert exp["content_type"] == 1  # HTML
+
     assert exp["tags"] == ["NexusLIMS", "FEI-Titan-TEM", "Ned Land (ned)"]
-    sha = context_for(path).record.sha256  # type: ignore[union-attr]
-    for text in (SESSION, "FEI-Titan-TEM", "Ned Land (ned)", "2018-11-13T10:00:00-07:00", sha):
-        assert text in exp["body"]
-    body = Tags(exp["body"])
-    assert body.hrefs == [CDCS_URL]  # the parser unescapes &amp; back
-    assert 'href="https://cdcs.example.org/data?id=65a1&amp;x=1"' in exp["body"]
 
     metadata = json.loads(exp["metadata"])
-    fields = metadata["extra_fields"]
-    assert {k: (v["type"], v["value"]) for k, v in fields.items()} == {
-        "Session": ("text", SESSION),
-        "Instrument": ("text", "FEI-Titan-TEM"),
-        "User": ("text", "Ned Land (ned)"),
-        "Start": ("datetime-local", "2018-11-13T10:00"),
-        "End": ("datetime-local", "2018-11-13T15:00"),
-        "SHA-256": ("text", sha),
-        "CDCS record": ("url", CDCS_URL),
+    groups = {g["id"]: g["name"] for g in metadata["elabftw"]["extra_fields_groups"]}
+    assert groups == {1: "Session Information", 2: "Related Records"}
+    assert metadata["elabftw"]["display_main_text"] is True
+    shown = {
+        name: (f["type"], f["value"], groups[f["group_id"]], f["position"], f["description"])
+        for name, f in metadata["extra_fields"].items()
     }
-    assert {f["group_id"] for f in fields.values()} == {1}
-    assert metadata["elabftw"]["extra_fields_groups"] == [{"id": 1, "name": "NexusLIMS"}]
+    sha = sha256(path.read_bytes())
+    assert shown == {
+        "Session ID": ("text", SESSION, "Session Information", 1, "NexusLIMS session identifier"),
+        "Instrument": (
+            "text",
+            "FEI-Titan-TEM",
+            "Session Information",
+            2,
+            "Instrument persistent identifier",
+        ),
+        "Start Time": (
+            "datetime-local",
+            "2018-11-13T10:00",
+            "Session Information",
+            3,
+            "Session start time",
+        ),
+        "End Time": (
+            "datetime-local",
+            "2018-11-13T15:00",
+            "Session Information",
+            4,
+            "Session end time",
+        ),
+        "User": (
+            "text",
+            "Ned Land (ned)",
+            "Session Information",
+            5,
+            "User who performed the session",
+        ),
+        # nxdrop's addition, beside NexusLIMS's fields.
+        "SHA-256": (
+            "text",
+            sha,
+            "Session Information",
+            6,
+            "SHA-256 of the attached NexusLIMS XML record",
+        ),
+        "CDCS Record": ("url", CDCS_URL, "Related Records", 10, "Link to CDCS record"),
+    }
 
     [upload] = exp["uploads"]
     assert upload["content"] == path.read_bytes()  # byte for byte, CRLF and all
     assert b"\r\n" in upload["content"]
     assert (upload["real_name"], upload["content_type"]) == (f"{SESSION}.xml", "application/xml")
-    assert SESSION in upload["comment"]
+    assert upload["comment"] == "NexusLIMS XML record"
 
     assert result.success
     assert result.destination_name == "elabftw"
@@ -210,6 +320,34 @@ def test_export_makes_one_complete_experiment(
     assert result.record_url == f"{elabftw_fake.url}experiments.php?mode=view&id=1"
     assert result.metadata == {"upload_id": 1, "cdcs_url": CDCS_URL}
     assert {r.headers["authorization"] for r in elabftw_fake.requests} == {elabftw_fake.api_key}
+
+
+def test_without_cdcs_there_is_no_related_records_section(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    destination().export(context_for(place(name=f"{SESSION}.xml")))
+    exp = elabftw_fake.experiments[1]
+    assert [h for kind, h in Outline(exp["body"]).blocks if kind == "h2"] == ["Session Details"]
+    assert "CDCS Record" not in fields(exp)
+    groups = json.loads(exp["metadata"])["elabftw"]["extra_fields_groups"]
+    assert groups == [{"id": 1, "name": "Session Information"}]
+
+
+def test_category_and_status_by_title_or_id(
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    dest = destination(
+        elabftw_experiment_category="microscopy",  # a title, past the default page of 15
+        elabftw_experiment_status="2",  # an id
+    )
+    dest.export(context_for(place(name=f"{SESSION}.xml")))
+
+    exp = elabftw_fake.experiments[1]
+    assert (exp["category"], exp["status"]) == (20, 2)
     [listing] = elabftw_fake.calls("GET", "teams/3/experiments_categories")  # team of users/me
     assert int(listing.query["limit"][0]) > 15
     assert not elabftw_fake.calls("GET", "teams/.*/experiments_status")  # "2" is an id
@@ -223,7 +361,7 @@ def test_record_url_and_id_from_location(
     place: Callable[..., Path],
 ) -> None:
     for n in range(1, 5):  # someone else's experiments: the new one is 5
-        elabftw_fake.experiments[n] = {"id": n, "title": "other", "body": "", "state": 1}
+        elabftw_fake.experiments[n] = stranger(n, f"other-{n}")
     site = elabftw_fake.url.rstrip("/") + suffix
     result = destination(elabftw_url=site).export(context_for(place(name=f"{SESSION}.xml")))
 
@@ -244,7 +382,7 @@ def test_hostile_record_is_escaped_in_the_body(
     evil = '<script>alert("x")</script> & "q"'
     xml_evil = evil.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     content = path.read_bytes()
-    content = content.replace(b"Test record with a multi-dataset file", xml_evil.encode())
+    content = content.replace(b"FEI-Titan-TEM", xml_evil.replace('"', "&quot;").encode())
     content = content.replace(b"Ned Land (ned)", xml_evil.encode())
     path.write_bytes(content)
     cdcs = 'https://cdcs.example.org/data?id=1"><script>alert(1)</script>'
@@ -254,13 +392,17 @@ def test_hostile_record_is_escaped_in_the_body(
     exp = elabftw_fake.experiments[1]
     body = Tags(exp["body"])
     assert "script" not in body.tags
-    assert body.tags <= {"p", "code", "table", "tbody", "tr", "th", "td", "a"}
+    assert body.tags <= {"h1", "h2", "ul", "li", "strong", "a"}
     assert body.hrefs == [cdcs]  # one attribute, quotes escaped, not broken out of
     assert "<script" not in exp["body"]
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &quot;q&quot;" in exp["body"]
-    # Title, tags and extra fields are plain text (JSON); eLabFTW escapes them when shown.
-    assert exp["title"] == f"{evil} ({SESSION})"
+    assert next(items for kind, items in Outline(exp["body"]).blocks if kind == "ul")[1:3] == [
+        f"Instrument: {evil}",
+        f"User: {evil}",
+    ]
+    # Tags and extra fields are plain text (JSON); eLabFTW escapes them when shown.
     assert evil in exp["tags"]
+    assert fields(exp)["User"] == evil
 
 
 def test_javascript_cdcs_url_is_not_a_link(
@@ -273,7 +415,7 @@ def test_javascript_cdcs_url_is_not_a_link(
     exp = elabftw_fake.experiments[1]
     assert Tags(exp["body"]).hrefs == []
     assert url in exp["body"]
-    assert json.loads(exp["metadata"])["extra_fields"]["CDCS record"]["type"] == "text"
+    assert json.loads(exp["metadata"])["extra_fields"]["CDCS Record"]["type"] == "text"
 
 
 def test_bad_key_fails_clearly_without_the_key(
@@ -314,13 +456,19 @@ def test_key_echoed_by_a_proxy_is_scrubbed(
     assert "***" in str(caught.value)
 
 
+# -- no duplicates ---------------------------------------------------------------------------
+
+
+@RELEASES
 @pytest.mark.parametrize("lost_reply", [False, True], ids=["refused", "reply-lost"])
 def test_transient_503_then_retry_makes_no_duplicate(
+    release: str,
     lost_reply: bool,
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
     place: Callable[..., Path],
 ) -> None:
+    elabftw_fake.version = release
     dest = destination()
     context = context_for(place(name=f"{SESSION}.xml"))
     elabftw_fake.fail_next("POST", "experiments", 503, after=lost_reply)
@@ -331,7 +479,9 @@ def test_transient_503_then_retry_makes_no_duplicate(
     result = dest.export(context)
     assert result.success
     assert list(elabftw_fake.experiments) == [1]
-    assert len(elabftw_fake.experiments[1]["uploads"]) == 1
+    exp = elabftw_fake.experiments[1]
+    assert len(exp["uploads"]) == 1
+    assert exp["tags"] == ["NexusLIMS", "FEI-Titan-TEM", "Ned Land (ned)"]
     assert len(elabftw_fake.calls("POST", "experiments")) == 1 + int(not lost_reply)
 
 
@@ -374,32 +524,61 @@ def test_pipeline_retries_transient_failures(
     assert len(elabftw_fake.experiments[1]["uploads"]) == 1
 
 
-def test_an_experiment_found_by_search_must_carry_the_hash(
+def test_the_search_names_the_field_and_includes_archived_experiments(
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
     place: Callable[..., Path],
 ) -> None:
+    """On eLabFTW 5.4+, the extended search for the exact field, normal and archived."""
     context = context_for(place(name=f"{SESSION}.xml"))
-    sha = context.record.sha256  # type: ignore[union-attr]
-    elabftw_fake.experiments[1] = {
-        "id": 1,
-        "title": "notes",
-        "body": f"<p>compare with {sha}</p>",  # mentions the hash, is not ours
-        "metadata": None,
-        "tags": [],
-        "uploads": [],
-        "state": 1,
-    }
-    assert destination().export(context).record_id == "2"
-    assert elabftw_fake.experiments[1]["body"] == f"<p>compare with {sha}</p>"
+    destination().export(context)
+
+    first = searches(elabftw_fake)[0]
+    assert first["extended"] == f'extrafield:"SHA-256":{context.sha256}'
+    assert first["state"] == "1,2"
+    assert "q" not in first
 
 
-def test_search_hits_of_other_sessions_are_left_alone(
+@RELEASES
+def test_title_body_and_custom_id_matches_are_not_taken_for_ours(
+    release: str,
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
     place: Callable[..., Path],
 ) -> None:
-    """Only an experiment whose Session field is this session exactly is taken as ours."""
+    """Experiments that quote the hash or the session, or whose custom_id is the session's
+    leading number (the text search matches ``custom_id = 2018``), are left alone; on a
+    server with the extended search they are not even listed."""
+    elabftw_fake.version = release
+    context = context_for(place(name=f"{SESSION}.xml"))
+    elabftw_fake.experiments[1] = stranger(
+        1, "other", title=f"Compare with {SESSION}", body=f"<p>{context.sha256}</p>"
+    )
+    elabftw_fake.experiments[2] = stranger(2, "other", title="Numbered", custom_id=2018)
+    before = copy.deepcopy(elabftw_fake.experiments)
+
+    assert destination().export(context).record_id == "3"
+
+    assert {k: v for k, v in elabftw_fake.experiments.items() if k != 3} == before
+    listed = set()
+    for params in searches(elabftw_fake):  # what each search answered, asked again
+        listed |= {
+            hit["id"] for hit in fake_api(elabftw_fake, "GET", "experiments", params=params).json()
+        }
+    # The text search lists both (the fields say they are not ours); the extended one
+    # lists only the experiment it made since.
+    assert listed - {3} == ({1, 2} if release == "5.3.0" else set())
+
+
+@RELEASES
+def test_search_hits_of_other_sessions_are_left_alone(
+    release: str,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    """Only an experiment whose session field is this session exactly is taken as ours."""
+    elabftw_fake.version = release
     lookalikes = [
         f"{SESSION}5",  # holds the identifier
         SESSION.replace("_", "-"),  # "_" is a wildcard in eLabFTW's search (SQL LIKE)
@@ -407,7 +586,7 @@ def test_search_hits_of_other_sessions_are_left_alone(
     ]
     for n, session in enumerate(lookalikes, start=1):
         elabftw_fake.experiments[n] = stranger(n, session)
-    elabftw_fake.experiments[4] = stranger(4, SESSION, metadata=None)  # no Session field
+    elabftw_fake.experiments[4] = stranger(4, SESSION, metadata=None)  # no session field
     before = copy.deepcopy(elabftw_fake.experiments)
     # The search for the session finds all four: they are really put to the test.
     found = fake_api(elabftw_fake, "GET", "experiments", params={"q": f'"{SESSION}"'}).json()
@@ -417,8 +596,45 @@ def test_search_hits_of_other_sessions_are_left_alone(
 
     assert result.record_id == "5"
     assert {k: v for k, v in elabftw_fake.experiments.items() if k != 5} == before
-    assert fields(elabftw_fake.experiments[5])["Session"] == SESSION
-    assert not elabftw_fake.calls("PATCH", ".*")
+    assert fields(elabftw_fake.experiments[5])["Session ID"] == SESSION
+    assert not elabftw_fake.calls("PATCH", "experiments/[1-4]")
+
+
+@RELEASES
+def test_an_archived_experiment_of_the_session_is_found_and_not_duplicated(
+    release: str,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+    drop: Path,
+) -> None:
+    """A scientist archived the experiment; an nxdrop with a fresh database (or a re-drop)
+    finds it, archived as it is, and makes no second one; new content is refused, naming
+    the experiment, since eLabFTW allows no change to an archived one."""
+    elabftw_fake.version = release
+    path = place(name=f"{SESSION}.xml")
+    destination().export(context_for(path))  # by an nxdrop whose database is gone
+    elabftw_fake.archive(1)
+    assert fake_api(elabftw_fake, "GET", "experiments").json() == []  # not listed by default
+    archived = copy.deepcopy(elabftw_fake.experiments[1])
+
+    app = make_app(destination())
+    report = app.pipeline.process(path)
+
+    assert report.ok, report.error
+    assert list(elabftw_fake.experiments) == [1]
+    assert elabftw_fake.experiments[1] == archived  # untouched
+    assert report.results[0].record_id == "1"
+    assert report.results[0].metadata["archived"] is True
+
+    shutil.move(drop / "uploaded" / path.name, path)
+    rebuild(path)
+    with pytest.raises(PermanentError, match=r"experiment 1 .*archived") as caught:
+        destination().export(context_for(path))
+    assert caught.value.status_code == 422
+    assert list(elabftw_fake.experiments) == [1]
+    assert elabftw_fake.experiments[1] == archived
 
 
 # -- a hostile world ---------------------------------------------------------------------
@@ -478,6 +694,29 @@ def test_the_record_is_uploaded_with_its_length_and_its_exact_bytes(
 # -- category, status, team ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("release", ["5.6.0", "5.3.0"])
+def test_another_teams_category_or_status_of_the_same_title_is_not_taken(
+    release: str,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    place: Callable[..., Path],
+) -> None:
+    """Since 5.4 the lists hold other teams' entries that are not private: team 4's
+    "Microscopy" (id 40) and "Success" (id 4) come after team 3's, and are not ours."""
+    elabftw_fake.version = release
+    listed = fake_api(elabftw_fake, "GET", "teams/3/experiments_categories?limit=100").json()
+    other_team = [e["id"] for e in listed if e["title"] == "Microscopy" and e.get("team") == 4]
+    assert other_team == ([40] if release == "5.6.0" else [])
+
+    dest = destination(
+        elabftw_experiment_category="Microscopy", elabftw_experiment_status="Success"
+    )
+    dest.export(context_for(place(name=f"{SESSION}.xml")))
+
+    exp = elabftw_fake.experiments[1]
+    assert (exp["category"], exp["status"]) == (20, 2)
+
+
 def test_titles_resolved_once_and_unknown_titles_listed(
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
@@ -501,7 +740,21 @@ def test_titles_resolved_once_and_unknown_titles_listed(
     assert not ok
     assert reason is not None
     assert "NX_ELABFTW_EXPERIMENT_STATUS='Finished'" in reason
-    assert "'Running', 'Success', 'Need to be redone'" in reason
+    # Only the team's own are offered.
+    assert reason.endswith("available: 'Running', 'Success', 'Need to be redone'")
+
+
+def test_two_entries_of_one_title_in_the_team_are_a_clear_error(
+    elabftw_fake: FakeELabFTW, destination: Callable[..., ELabFTWDestination]
+) -> None:
+    elabftw_fake.categories.append(
+        {"id": 21, "title": "Microscopy", "color": "ffffff", "team": 3, "ordering": 99}
+    )
+    ok, reason = destination(elabftw_experiment_category="Microscopy").validate_config()
+    assert not ok
+    assert reason is not None
+    assert "NX_ELABFTW_EXPERIMENT_CATEGORY='Microscopy'" in reason
+    assert "ids 20, 21" in reason
 
 
 def test_team_current_needs_an_answer_from_users_me(
@@ -521,6 +774,7 @@ def test_validate_config(
 ) -> None:
     assert destination(elabftw_experiment_category="Microscopy").validate_config() == (True, None)
     assert elabftw_fake.calls("GET", "users/me")
+    assert elabftw_fake.calls("GET", "info")
     elabftw_fake.fail_next("GET", "users/me", 500)
     ok, reason = destination().validate_config()
     assert not ok
@@ -533,6 +787,72 @@ def test_validate_config(
     assert not ok
     assert reason is not None
     assert "cannot connect" in reason
+
+
+# -- tags a team does not let users create ---------------------------------------------------
+
+
+@RELEASES
+def test_tags_the_team_forbids_leave_one_experiment_found_again_on_retry(
+    release: str,
+    elabftw_fake: FakeELabFTW,
+    destination: Callable[..., ELabFTWDestination],
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+    drop: Path,
+) -> None:
+    """The team has the tag "NexusLIMS" but forbids users to create others: the experiment
+    is made complete but for the tags it cannot have, which the result and the log name;
+    a retry finds that one experiment; once an admin lets users create tags, the next
+    export of the session adds them."""
+    elabftw_fake.version = release
+    elabftw_fake.user_create_tag = False
+    elabftw_fake.team_tags = {"NexusLIMS"}  # an admin made it
+    app = make_app(destination())
+    path = place(name=f"{SESSION}.xml")
+
+    report = app.pipeline.process(path)
+
+    assert report.ok, report.error
+    [exp] = elabftw_fake.experiments.values()
+    assert exp["tags"] == ["NexusLIMS"]
+    assert live_uploads(exp) == [(drop / "uploaded" / f"{SESSION}.xml").read_bytes()]
+    [result] = report.results
+    assert result.metadata["tags_missing"] == ["FEI-Titan-TEM", "Ned Land (ned)"]
+    assert not any("tags" in r.json() for r in elabftw_fake.calls("POST", "experiments"))
+    refused = [r for r in elabftw_fake.calls("POST", r"experiments/\d+/tags") if r.status == 400]
+    assert len(refused) == 2
+
+    # The operator drops it again, with a fresh database: the same experiment.
+    shutil.move(drop / "uploaded" / f"{SESSION}.xml", path)
+    fresh = destination().export(context_for(path))
+    assert fresh.record_id == str(exp["id"])
+    assert list(elabftw_fake.experiments) == [exp["id"]]
+
+    elabftw_fake.user_create_tag = True
+    again = destination().export(context_for(path))
+    assert "tags_missing" not in again.metadata
+    assert elabftw_fake.experiments[exp["id"]]["tags"] == [
+        "NexusLIMS",
+        "FEI-Titan-TEM",
+        "Ned Land (ned)",
+    ]
+    assert list(elabftw_fake.experiments) == [exp["id"]]
+
+
+def test_a_create_carrying_a_forbidden_tag_stores_the_experiment_and_answers_400(
+    elabftw_fake: FakeELabFTW,
+) -> None:
+    """Why nxdrop creates without tags: eLabFTW stores the experiment, then refuses the new
+    tag, and its answer has no id (src/models/Experiments.php create → InsertTagsTrait)."""
+    elabftw_fake.user_create_tag = False
+    answer = fake_api(
+        elabftw_fake, "POST", "experiments", json={"title": "x", "tags": ["brand new"]}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["description"] == "Users cannot create tags."
+    assert "Location" not in answer.headers
+    assert list(elabftw_fake.experiments) == [1]
 
 
 # -- reconcile: the same record again ----------------------------------------------------
@@ -560,10 +880,12 @@ def test_reconcile_adds_the_cdcs_link_to_the_experiment(
 
     assert list(elabftw_fake.experiments) == [1]
     exp = elabftw_fake.experiments[1]
-    assert Tags(exp["body"]).hrefs == [CDCS_URL]
-    assert SESSION in exp["body"]  # the table is still there
-    assert fields(exp)["CDCS record"] == CDCS_URL
-    assert fields(exp)["Session"] == SESSION  # the other fields are kept
+    # The body is now the one made with the link from the start.
+    assert Outline(exp["body"]).blocks[-2:] == [("h2", "Related Records"), ("ul", ["View in CDCS"])]
+    assert Outline(exp["body"]).links == [("View in CDCS", CDCS_URL)]
+    assert SESSION in exp["body"]  # the session details are still there
+    assert fields(exp)["CDCS Record"] == CDCS_URL
+    assert fields(exp)["Session ID"] == SESSION  # the other fields are kept
     assert (updated.success, updated.record_id, updated.record_url) == (
         True,
         "1",
@@ -644,9 +966,9 @@ def test_lost_reply_to_the_link_patch_links_once(
     assert report.outcome is Outcome.EXPORTED, report.error
     assert list(elabftw_fake.experiments) == [1]
     exp = elabftw_fake.experiments[1]
-    assert Tags(exp["body"]).hrefs == [CDCS_URL]  # one CDCS line, not two
-    assert exp["body"].count("CDCS record") == 1
-    assert fields(exp)["CDCS record"] == CDCS_URL
+    assert Tags(exp["body"]).hrefs == [CDCS_URL]  # one link, not two
+    assert exp["body"].count("Related Records") == 1
+    assert fields(exp)["CDCS Record"] == CDCS_URL
     assert [r.status for r in elabftw_fake.calls("PATCH", "experiments/1")] == [503]
     elab = report.results[1]
     assert (elab.success, elab.record_id, elab.attempts) == (True, "1", 2)
@@ -692,20 +1014,22 @@ def test_new_content_for_a_session_updates_its_experiment(
     exp["metadata"] = json.dumps(metadata)
 
     path.write_bytes(first_bytes)
-    second_bytes = rebuild(path)  # NexusLIMS rebuilt the record
+    second_bytes = rebuild(path).replace(b"Ned Land (ned)", b"Pierre Aronnax (pa)")
+    path.write_bytes(second_bytes)  # NexusLIMS rebuilt the record, with another user
     second = app.pipeline.process(path)
 
     assert second.ok, second.error
     assert list(elabftw_fake.experiments) == [1]  # one experiment for the session
     assert len(elabftw_fake.calls("POST", "experiments")) == 1
     exp = elabftw_fake.experiments[1]
-    assert exp["title"] == f"Rebuilt record ({SESSION})"
+    assert exp["title"] == f"NexusLIMS Experiment - {SESSION}"
     assert fields(exp)["SHA-256"] == sha256(second_bytes)
-    assert sha256(second_bytes) in exp["body"]
-    assert sha256(first_bytes) not in exp["body"]
-    assert fields(exp)["CDCS record"] == CDCS_URL
+    assert fields(exp)["User"] == "Pierre Aronnax (pa)"
+    assert "User: Pierre Aronnax (pa)" in Outline(exp["body"]).blocks[2][1]
+    assert fields(exp)["CDCS Record"] == CDCS_URL
     assert Tags(exp["body"]).hrefs == [CDCS_URL]
     assert fields(exp)["Sample"] == "S-17"  # theirs, kept
+    assert "Pierre Aronnax (pa)" in exp["tags"]
     assert live_uploads(exp) == [first_bytes, second_bytes]  # the earlier one stays
     old, new = first.results[1], second.results[1]
     assert (new.record_id, new.record_url) == (old.record_id, old.record_url)
@@ -731,18 +1055,23 @@ def test_update_keeps_or_adds_the_cdcs_link(
     result = dest.update(context_for(path, cdcs_now), earlier)
 
     exp = elabftw_fake.experiments[1]
-    assert fields(exp)["CDCS record"] == CDCS_URL
+    assert fields(exp)["CDCS Record"] == CDCS_URL
     assert Tags(exp["body"]).hrefs == [CDCS_URL]
+    groups = json.loads(exp["metadata"])["elabftw"]["extra_fields_groups"]
+    assert {"id": 2, "name": "Related Records"} in groups
     assert (result.record_id, result.metadata["cdcs_url"]) == ("1", CDCS_URL)
 
 
+@RELEASES
 def test_a_fresh_database_finds_the_sessions_experiment(
+    release: str,
     elabftw_fake: FakeELabFTW,
     destination: Callable[..., ELabFTWDestination],
     make_app: Callable[..., App],
     place: Callable[..., Path],
 ) -> None:
     """An nxdrop whose database is new (or lost) finds the session's older experiment."""
+    elabftw_fake.version = release
     dest = destination()
     path = place(name=f"{SESSION}.xml")
     first_bytes = path.read_bytes()
@@ -797,7 +1126,7 @@ def test_a_stored_id_that_is_not_ours_any_more_is_left_alone(
     assert len(elabftw_fake.calls("PATCH", ".*")) == patched_before
     assert [k for k, e in elabftw_fake.experiments.items() if e.get("state") == 1 and k > 1] == [2]
     ours = elabftw_fake.experiments[2]
-    assert (fields(ours)["Session"], fields(ours)["SHA-256"]) == (SESSION, sha256(content))
+    assert (fields(ours)["Session ID"], fields(ours)["SHA-256"]) == (SESSION, sha256(content))
     assert live_uploads(ours) == [content]
     assert report.results[0].record_id == "2"
     assert elabftw_log(app) == [("succeeded", "1"), ("succeeded", "2")]  # a new record
@@ -863,16 +1192,42 @@ def test_update_of_an_experiment_locked_by_someone_else_fails_clearly(
 
 
 def violations(response: requests.Response) -> list[dict[str, Any]]:
-    """What Prism found wrong with the request that got ``response``."""
+    """What Prism found wrong with the request that got ``response`` (not with the answer
+    Prism made up: the spec's ``info`` answer is a ``oneOf`` its example fits twice)."""
     header = response.headers.get("sl-violations")
-    return json.loads(header) if header else []
+    found = json.loads(header) if header else []
+    return [v for v in found if v["location"][0] == "request"]
 
 
-@pytest.fixture
+def answer_with(dest: ELabFTWDestination, path: str, shown: Any) -> None:
+    """Prism is stateless and answers the spec's examples: make its answer to ``GET
+    <path>`` (after Prism checked the request) be ``shown`` instead."""
+
+    def answer(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        request = response.request
+        if request.method == "GET" and request.path_url == f"/api/v2/{path}":
+            # nxdrop streams every answer from ``raw``: the body is replaced there.
+            data = json.dumps(shown).encode()
+            response.close()
+            response.status_code, response.reason = 200, "OK"
+            response.headers["Content-Length"] = str(len(data))
+            response.headers.pop("Content-Encoding", None)
+            response.raw = urllib3.HTTPResponse(
+                io.BytesIO(data), headers=response.headers, status=200, preload_content=False
+            )
+
+    assert dest._client is not None
+    dest._client.session.hooks["response"].append(answer)
+
+
+@pytest.fixture(params=["5.6.0", "5.3.0"])
 def prism_destination(
-    elabftw_prism: Prism, make_settings: Callable[..., Settings]
+    request: pytest.FixtureRequest,
+    elabftw_prism: Prism,
+    make_settings: Callable[..., Settings],
 ) -> tuple[ELabFTWDestination, list[requests.Response]]:
-    """A destination pointed at Prism, and every response it gets."""
+    """A destination pointed at Prism, and every response it gets; the server says it is
+    eLabFTW 5.6 (merges) or 5.3 (no extended search, no merge)."""
     dest = ELabFTWDestination()
     dest.configure(
         make_settings(
@@ -886,6 +1241,8 @@ def prism_destination(
     seen: list[requests.Response] = []
     assert dest._client is not None
     dest._client.session.hooks["response"].append(lambda r, *a, **k: seen.append(r))
+    # The spec's own example of info says 4.8.0 (and Prism cannot pick one of its oneOf).
+    answer_with(dest, "info", {"elabftw_version": request.param})
     return dest, seen
 
 
@@ -900,38 +1257,44 @@ def test_prism_accepts_what_export_sends(
 
     assert result.record_id == "42"
     assert result.metadata["upload_id"] == 42
-    calls = {(r.request.method, r.request.path_url.split("?")[0]) for r in seen}
-    assert calls >= {
+    calls = [(r.request.method, r.request.path_url.split("?")[0]) for r in seen]
+    assert set(calls) >= {
         ("GET", "/api/v2/users/me"),
+        ("GET", "/api/v2/info"),
         ("GET", "/api/v2/teams/1/experiments_categories"),
         ("GET", "/api/v2/experiments"),
         ("POST", "/api/v2/experiments"),
         ("POST", "/api/v2/experiments/42/uploads"),
+        ("POST", "/api/v2/experiments/42/tags"),
     }
+    assert calls.count(("POST", "/api/v2/experiments/42/tags")) == 3
     assert [(r.request.path_url, violations(r)) for r in seen if violations(r)] == []
 
 
 def pretend_ours(dest: ELabFTWDestination, sha: str) -> None:
-    """Prism is stateless: make its answer to ``GET experiments/42`` show SESSION's
-    experiment for ``sha`` (with no upload), so that the calls after it can be checked."""
-    metadata = {"extra_fields": {"Session": {"type": "text", "value": SESSION}}}
-    metadata["extra_fields"]["SHA-256"] = {"type": "text", "value": sha}
-    shown = {"id": 42, "title": SESSION, "body": "<p>x</p>", "metadata": json.dumps(metadata)}
-
-    def answer(response: requests.Response, *args: Any, **kwargs: Any) -> None:
-        request = response.request
-        if request.method == "GET" and request.path_url == "/api/v2/experiments/42":
-            # nxdrop streams every answer from ``raw``: the body is replaced there.
-            data = json.dumps({**shown, "uploads": []}).encode()
-            response.close()
-            response.headers["Content-Length"] = str(len(data))
-            response.headers.pop("Content-Encoding", None)
-            response.raw = urllib3.HTTPResponse(
-                io.BytesIO(data), headers=response.headers, status=200, preload_content=False
-            )
-
-    assert dest._client is not None
-    dest._client.session.hooks["response"].append(answer)
+    """Make Prism's answer to ``GET experiments/42`` show SESSION's experiment for ``sha``
+    (with no upload, no tag, no CDCS link), so that the calls after it can be checked."""
+    metadata = {
+        "extra_fields": {
+            "Session ID": {"type": "text", "value": SESSION, "group_id": 1},
+            "SHA-256": {"type": "text", "value": sha, "group_id": 1},
+        },
+        "elabftw": {
+            "extra_fields_groups": [
+                {"id": 1, "name": "Session Information"},
+                {"id": 2, "name": "Related Records"},
+            ]
+        },
+    }
+    shown = {
+        "id": 42,
+        "title": f"NexusLIMS Experiment - {SESSION}",
+        "body": "<h1>NexusLIMS Microscopy Session</h1>",
+        "content_type": 1,
+        "metadata": json.dumps(metadata),
+        "uploads": [],
+    }
+    answer_with(dest, "experiments/42", shown)
 
 
 @pytest.mark.prism
@@ -942,32 +1305,35 @@ def test_prism_accepts_what_update_and_reconcile_send_but_the_metadata_type(
     place: Callable[..., Path],
 ) -> None:
     """Every request ``update`` and ``reconcile`` send fits the spec, but one difference:
-    the real server wants PATCH metadata as a JSON string; the spec (Prism) an object."""
+    the real server wants PATCH metadata (and metadatamerge) as a JSON string; the spec
+    (Prism) an object."""
     dest, seen = prism_destination
     context = context_for(place(name=f"{SESSION}.xml"), CDCS_URL)
     pretend_ours(dest, "0" * 64 if call == "update" else context.sha256)
     earlier = ExportResult(True, "elabftw", "42", metadata={"upload_id": 7, "cdcs_url": None})
+    merges = dest.api.version() >= METADATA_MERGE
 
     with pytest.raises(PermanentError, match="422"):
         getattr(dest, call)(context, earlier)
 
     assert [(r.request.method, r.request.path_url) for r in seen] == [
+        ("GET", "/api/v2/info"),
         ("GET", "/api/v2/experiments/42"),
         ("POST", "/api/v2/experiments/42/uploads"),  # the record, attached again
+        *[("POST", "/api/v2/experiments/42/tags")] * 3,
         ("PATCH", "/api/v2/experiments/42"),  # new content, or the CDCS link
     ]
-    get, upload, patch = seen
-    assert (get.status_code, violations(get)) == (200, [])
-    assert (upload.status_code, violations(upload)) == (201, [])
+    *answered, patch = seen[1:]
+    assert [(r.status_code, violations(r)) for r in answered] == [(200, [])] + [(201, [])] * 4
     found = violations(patch)
     ours = [v for v in found if v["code"] not in ("anyOf", "required")]  # the other anyOf arm
-    assert [(v["location"], v["code"]) for v in ours] == [(["request", "body", "metadata"], "type")]
+    key = "metadatamerge" if merges else "metadata"
+    assert [(v["location"], v["code"]) for v in ours] == [(["request", "body", key], "type")]
     sent = json.loads(patch.request.body or b"{}")
-    assert set(sent) == (
-        {"title", "body", "metadata"} if call == "update" else {"body", "metadata"}
-    )
-    # The same PATCH with metadata as an object is what the spec wants: accepted.
-    sent["metadata"] = json.loads(sent["metadata"])
+    # Update: the title is the session's already. Reconcile: the link, appended.
+    assert set(sent) == ({"body", key} if call == "update" else {"bodyappend", key})
+    # The same PATCH with the metadata as an object is what the spec wants: accepted.
+    sent[key] = json.loads(sent[key])
     assert dest._client is not None
     again = dest._client.session.patch(str(patch.request.url), json=sent, timeout=10)
     assert (again.status_code, violations(again)) == (200, [])
