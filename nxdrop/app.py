@@ -63,7 +63,9 @@ class App:
         return back
 
     def close(self) -> None:
-        """Release the working folder (the next process of this host may take it)."""
+        """Release the working folder (the next process of this host may take it) and the
+        pipeline's destination threads."""
+        self.pipeline.close()
         self.work.release()
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -123,6 +125,9 @@ class Pipeline:
         self.folder: DropFolder = work.drop
         self.stop = stop or Stop()
         self.reader = RecordReader(settings.max_record_bytes, settings.schema_path)
+        # Highest priority first whoever built the list; a stable sort keeps the given
+        # order (by name, from discovery) among equals.
+        destinations = sorted(destinations, key=lambda d: -d.priority)
         self.runners = [
             DestinationRunner(
                 d,
@@ -135,7 +140,19 @@ class Pipeline:
             )
             for d in destinations
         ]
+        self.waits = waits_for(destinations)
+        # The threads beside each worker's own: one record needs at most one per destination
+        # but the first, and NX_WORKERS records run at once. Made lazily by the executor; a
+        # record whose helper is queued behind others runs that destination itself.
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.workers * (len(destinations) - 1)),
+            thread_name_prefix="nxdrop-destination",
+        )
         self.sessions = SessionLocks()
+
+    def close(self) -> None:
+        """Let the destination threads go; never waits for a call that hangs."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def process(self, path: Path) -> FileReport:
         """Export one file. A file in the drop folder is claimed and then moved on as the
@@ -255,18 +272,30 @@ class Pipeline:
         return self._finish(file, record, results, error=error)
 
     def _destinations(self, record: Record) -> list[ExportResult]:
-        """Run the destinations in priority order; each sees the results before it."""
+        """Run the destinations; their results in priority order.
+
+        ``first_success`` runs them one by one in priority order, each seeing the results
+        before it, and stops at the first success. ``all`` and ``best_effort`` start each
+        as soon as those it waits for (:func:`waits_for`) are done, side by side, and give
+        it exactly their results: a record takes its longest chain, not the sum.
+        """
         standings = self.store.standings(record.session_identifier)
         context = ExportContext.for_record(record)
-        results: list[ExportResult] = []
-        for runner in self.runners:
+
+        def run(i: int, previous: list[ExportResult]) -> ExportResult:
             if self.stop.now.is_set():
                 raise Abandoned("nxdrop stopped between destinations")
-            previous = {r.destination_name: r for r in results}
+            runner = self.runners[i]
+            seen = {r.destination_name: r for r in previous}
             standing = standings.get((runner.name, runner.destination.endpoint), Standing())
-            result = runner.run(replace(context, previous_results=previous), record, standing)
-            results.append(result)
-            if self.strategy is Strategy.FIRST_SUCCESS and result.success:
+            return runner.run(replace(context, previous_results=seen), record, standing)
+
+        if self.strategy is not Strategy.FIRST_SUCCESS:
+            return _SideBySide(self.waits, run, self.pool).run()
+        results: list[ExportResult] = []
+        for i in range(len(self.runners)):
+            results.append(run(i, results))
+            if results[-1].success:
                 break
         return results
 
@@ -308,6 +337,113 @@ class Pipeline:
             report = _error_report(shown, session, self.strategy, f"record rejected: {error}", [])
             moved = self.work.to_failed(file.source, file.name, report)
         return FileReport(file.path, session, Outcome.REJECTED, [], moved, error)
+
+
+def waits_for(destinations: Sequence[ExportDestination]) -> list[tuple[int, ...]]:
+    """For each destination, in run order, the indices of those before it that it waits for:
+    the ones it ``reads``, or all of them when it declares nothing (``reads is None``).
+
+    A name read that is not enabled is absent. One read that does not run before it (lower
+    priority, or itself) is meaningless: ignored, with a warning, rather than refusing to
+    start over a plugin's declaration.
+    """
+    waits: list[tuple[int, ...]] = []
+    for i, destination in enumerate(destinations):
+        if destination.reads is None:
+            waits.append(tuple(range(i)))
+            continue
+        before = {str(d.name): j for j, d in enumerate(destinations[:i])}
+        for later in destinations[i:]:
+            if later.name in destination.reads:
+                log.warning(
+                    "destination %s (priority %d) reads %s (priority %d), which does not run "
+                    "before it: ignored",
+                    destination.name,
+                    destination.priority,
+                    later.name,
+                    later.priority,
+                )
+        waits.append(tuple(sorted(before[n] for n in destination.reads if n in before)))
+    return waits
+
+
+class _SideBySide:
+    """One record's destinations under ``all`` or ``best_effort``: each starts once those it
+    waits for are done. The worker's own thread takes the first and waits for the rest,
+    taking whatever becomes ready meanwhile; a thread that takes one asks the pool for a
+    helper for each other one ready. Whichever thread is free first takes a ready
+    destination, so a record never waits for a busy (or closed) pool.
+
+    Something raised (:class:`Abandoned`, the database down) starts nothing more; it is
+    raised in the worker's thread once none of the record's destinations is running, so
+    no thread still writes for a file that has been put back.
+    """
+
+    def __init__(
+        self,
+        waits: Sequence[tuple[int, ...]],
+        run: Callable[[int, list[ExportResult]], ExportResult],
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self.waits, self._run, self.pool = waits, run, pool
+        self.cond = threading.Condition()
+        self.results: dict[int, ExportResult] = {}
+        self.ready = deque(i for i, w in enumerate(waits) if not w)
+        self.waiting = {i for i, w in enumerate(waits) if w}
+        self.running = 0
+        self.asked = 0  # helpers asked of the pool and not yet started
+        self.error: BaseException | None = None
+
+    def run(self) -> list[ExportResult]:
+        """Run them all; their results in priority order, or raise what one raised."""
+        self._work(own=True)
+        if self.error is not None:
+            raise self.error
+        return [self.results[i] for i in sorted(self.results)]
+
+    def _help(self) -> None:
+        with self.cond:
+            self.asked -= 1
+        self._work()
+
+    def _work(self, own: bool = False) -> None:
+        """Run ready destinations until none is; the worker's thread (``own``) also waits
+        until none is running, taking those that become ready meanwhile."""
+        while True:
+            with self.cond:
+                while own and not self.ready and self.running:
+                    self.cond.wait()
+                if not self.ready:
+                    return
+                i = self.ready.popleft()
+                self.running += 1
+                previous = [self.results[j] for j in self.waits[i]]
+                more = max(0, len(self.ready) - self.asked)
+                self.asked += more
+            for _ in range(more):
+                try:
+                    self.pool.submit(self._help)
+                except RuntimeError:  # the pool is closed: the worker's thread runs them
+                    with self.cond:
+                        self.asked -= 1
+            result: ExportResult | BaseException
+            try:
+                result = self._run(i, previous)
+            except BaseException as exc:  # carried to the worker's thread, raised there
+                result = exc
+            with self.cond:
+                self.running -= 1
+                if isinstance(result, BaseException):
+                    self.error = self.error or result
+                    self.ready.clear()  # start nothing more: the file goes back
+                else:
+                    self.results[i] = result
+                    if self.error is None:
+                        done = self.results.keys()
+                        new = [k for k in sorted(self.waiting) if done >= set(self.waits[k])]
+                        self.waiting.difference_update(new)
+                        self.ready.extend(new)  # this thread takes the first, next round
+                self.cond.notify_all()
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,13 @@ class DestinationRunner:
         self.redactor = redactor
         self.metrics = metrics
         self._bugs_told: set[str] = set()  # a bug's traceback is logged once, not per record
+        self._census_lock = threading.Lock()
+        self._from_start: bool | None = None  # whether the log knows all made at the endpoint
 
     def run(self, context: ExportContext, record: Record, standing: Standing) -> ExportResult:
         """Export, update or reconcile; log the attempt; never raises but :class:`Abandoned`."""
-        context = replace(context, interrupted=standing.interrupted)
+        unseen = not standing.attempted and self._logged_from_start()
+        context = replace(context, interrupted=standing.interrupted, unseen=unseen)
         earlier = standing.latest_success
         call, state = self._call_for(context, record, earlier)
         endpoint = self.destination.endpoint
@@ -102,6 +105,36 @@ class DestinationRunner:
         )
         self._log(record, result, state)
         return result
+
+    def _logged_from_start(self) -> bool:
+        """Whether the log knows every record made at the destination's endpoint: the
+        database says so, or the endpoint holds none of the destination's records now (asked
+        once per process; a census that fails is asked again at the next record)."""
+        if self._from_start is None:
+            with self._census_lock:
+                if self._from_start is None:
+                    self._from_start = self._census()
+        return bool(self._from_start)
+
+    def _census(self) -> bool | None:
+        endpoint = self.destination.endpoint
+        if not endpoint:  # no endpoint, nothing to vouch for
+            return False
+        if self.store.logged_from_start(self.name, endpoint):
+            return True
+        try:
+            empty = self.destination.holds_no_records()
+        except Exception as exc:  # a census is an optimisation: never a failure
+            log.info("%s: cannot tell whether %s is empty (%s)", self.name, endpoint, exc)
+            return None
+        if empty:
+            self.store.note_empty(self.name, endpoint)
+            log.info(
+                "%s: %s holds no record of nxdrop's yet: the log knows all it makes there",
+                self.name,
+                endpoint,
+            )
+        return bool(empty) if empty is not None else False
 
     def _call_for(
         self, context: ExportContext, record: Record, earlier: UploadRow | None
@@ -144,6 +177,8 @@ class DestinationRunner:
         while True:
             attempt += 1
             context.attempt = attempt
+            # A failed call may have reached the server: the retry looks before it creates.
+            context.unseen = context.unseen and attempt == 1
             try:
                 result = call()
             except TransientError as exc:

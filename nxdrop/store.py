@@ -73,7 +73,7 @@ class TimestampField(peewee.Field):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _models(db: peewee.Database) -> tuple[Any, Any]:
+def _models(db: peewee.Database) -> tuple[Any, Any, Any]:
     # Model classes per Store: two stores (two databases) never share a binding.
     class Base(peewee.Model):
         class Meta:
@@ -116,7 +116,18 @@ def _models(db: peewee.Database) -> tuple[Any, Any]:
         class Meta:
             table_name = "session_log"
 
-    return UploadLog, SessionLog
+    class EndpointLog(Base):
+        # An endpoint this database has logged from the start: it held none of the
+        # destination's records when the census was taken.
+        destination_name = peewee.CharField()
+        endpoint = peewee.TextField()
+        empty_at = TimestampField(default=utcnow)
+
+        class Meta:
+            table_name = "endpoint_log"
+            primary_key = peewee.CompositeKey("destination_name", "endpoint")
+
+    return UploadLog, SessionLog, EndpointLog
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,7 @@ class Standing:
 
     latest_success: UploadRow | None = None  # the record it holds, if any
     interrupted: bool = False  # an attempt since then died mid-call: look before creating
+    attempted: bool = False  # any attempt at all was logged, a failed one too
 
 
 _Row = TypeVar("_Row", SessionRow, UploadRow)
@@ -195,14 +207,14 @@ class Store:
         self.clock = clock  # when rows happen: UTC, time-zone aware
         self.database = Database(url, self._prepare)
         self.db = self.database.db
-        self.UploadLog, self.SessionLog = _models(self.db)
+        self.UploadLog, self.SessionLog, self.EndpointLog = _models(self.db)
         self._timestamp = self.UploadLog.timestamp
         self._in_doubt: set[int] = set()  # attempts whose outcome is not written
         self._held: set[tuple[str, str]] = set()  # session locks not released
         self._doubt_lock = threading.Lock()
 
     def _prepare(self, db: peewee.Database) -> None:
-        db.create_tables([self.UploadLog, self.SessionLog], safe=True)
+        db.create_tables([self.UploadLog, self.SessionLog, self.EndpointLog], safe=True)
         _add_missing_columns(db, [self.UploadLog, self.SessionLog])
 
     def open(self) -> None:
@@ -390,8 +402,13 @@ class Store:
         standings: dict[tuple[str, str], Standing] = {}
         for row in rows:
             key = (row[2], row[3] or "")
+            if row[5] not in _STANDING_STATES:  # failed, in flight: attempted, nothing held
+                standings.setdefault(key, Standing(attempted=True))
+                continue
             if row[5] == AttemptState.INTERRUPTED:
-                standings[key] = replace(standings.get(key, Standing()), interrupted=True)
+                standings[key] = replace(
+                    standings.get(key, Standing()), interrupted=True, attempted=True
+                )
                 continue
             held = UploadRow(
                 id=row[0],
@@ -410,8 +427,22 @@ class Store:
                 file_sha256=row[13],
                 metadata=json.loads(row[14]) if row[14] else {},
             )
-            standings[key] = Standing(latest_success=held)
+            standings[key] = Standing(latest_success=held, attempted=True)
         return standings
+
+    # -- endpoint_log: where the log vouches for what is not there ------------------------
+
+    def logged_from_start(self, destination_name: str, endpoint: str) -> bool:
+        """Whether this database has logged every record made at the endpoint: it held
+        none of the destination's records when the census was taken (:meth:`note_empty`)."""
+        return bool(self._execute(_LOGGED_FROM_START, (destination_name, endpoint)).fetchall())
+
+    def note_empty(self, destination_name: str, endpoint: str) -> None:
+        """The endpoint holds none of the destination's records now: from now on, the log
+        knows every one made there."""
+        self.EndpointLog.insert(
+            destination_name=destination_name, endpoint=endpoint, empty_at=self.clock()
+        ).on_conflict_ignore().execute()
 
     def recover(self, workers: list[str]) -> int:
         """After the processes behind ``workers`` died: their in-flight attempts become
@@ -504,13 +535,16 @@ _FINISH = """
 UPDATE upload_log SET success = ?, state = ?, "timestamp" = ?, record_id = ?, record_url = ?,
   error_message = ?, metadata_json = ?, status_code = ?, attempts = ?, duration_seconds = ?
 WHERE id = ?"""
-_STANDINGS = f"""
+_STANDINGS = """
 SELECT id, session_identifier, destination_name, endpoint, success, state, "timestamp",
   record_id, record_url, error_message, attempts, status_code, duration_seconds,
   file_sha256, metadata_json
 FROM upload_log
-WHERE session_identifier = ? AND state IN ({", ".join(f"'{s}'" for s in _STANDING_STATES)})
+WHERE session_identifier = ?
 ORDER BY id"""
+
+_LOGGED_FROM_START = """
+SELECT 1 FROM endpoint_log WHERE destination_name = ? AND endpoint = ?"""
 
 
 def _add_missing_columns(db: peewee.Database, models: list[Any]) -> None:

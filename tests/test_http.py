@@ -8,12 +8,14 @@ certificate failed.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -474,3 +476,87 @@ def test_a_record_at_the_size_limit_costs_a_small_multiple_of_its_size(
     # Measured: about 2x (the record's bytes, and once CDCS's answer that echoes them);
     # each extra copy of the record in any form would add 1x to 4x.
     assert peak - baseline < 4 * size
+
+
+# -- proxies: the environment's, read once --------------------------------------------------
+
+
+class _Proxy(http.server.BaseHTTPRequestHandler):
+    """An HTTP proxy that answers every request itself and remembers what it was asked."""
+
+    seen: list[str] = []  # noqa: RUF012 - one class per test (made in the fixture)
+
+    def do_GET(self) -> None:
+        self.seen.append(self.path)
+        body = b'{"via": "proxy"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy() -> Iterator[tuple[str, list[str]]]:
+    handler = type("Proxy", (_Proxy,), {"seen": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_environments_proxy_is_used_and_no_proxy_respected(
+    proxy: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address, seen = proxy
+    monkeypatch.setenv("HTTP_PROXY", address)
+    monkeypatch.setenv("NO_PROXY", "direct.invalid")
+    via = HttpClient("http://repository.invalid/api/", headers={}, timeout=10)
+    assert via.json("GET", "items/") == {"via": "proxy"}
+    assert seen == ["http://repository.invalid/api/items/"]
+    direct = HttpClient("http://direct.invalid/api/", headers={}, timeout=10)
+    with pytest.raises(TransientError):  # not through the proxy: the name does not resolve
+        direct.json("GET", "items/")
+    assert len(seen) == 1
+
+
+class _Created(http.server.BaseHTTPRequestHandler):
+    """Answers every POST with an empty 201, as eLabFTW does; counts the connections."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive
+    connections: list[int] = []  # noqa: RUF012 - one class per test (made in the test)
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(1)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(201)
+        self.send_header("Location", "/api/v2/experiments/1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_an_empty_answer_leaves_the_connection_open_for_the_next_request() -> None:
+    handler = type("Created", (_Created,), {"connections": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = HttpClient(f"http://127.0.0.1:{server.server_address[1]}/", headers={}, timeout=10)
+        for _ in range(5):
+            assert client.request("POST", "experiments", json={}).status_code == 201
+        assert len(handler.connections) == 1  # not a new connection (a TLS handshake) each
+    finally:
+        server.shutdown()
+        server.server_close()

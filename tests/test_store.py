@@ -99,7 +99,8 @@ def test_standings_say_what_each_destination_holds_per_endpoint(
     sid = record.session_identifier
     assert store.standings(sid) == {}
     _log(store, record, "cdcs", False)
-    assert store.standings(sid) == {}  # a failure holds nothing
+    # A failure holds nothing, but the log knows something was tried there.
+    assert store.standings(sid) == {("cdcs", ENDPOINT): Standing(attempted=True)}
     _log(store, record, "cdcs", True)
     _log(store, record, "cdcs", True, endpoint="https://other.example/")
     _log(store, record, "elabftw", True, state=AttemptState.UPDATED)
@@ -114,6 +115,18 @@ def test_standings_say_what_each_destination_holds_per_endpoint(
         ("elabftw", ENDPOINT),
     }
     assert not any(s.interrupted for s in standings.values())
+    assert all(s.attempted for s in standings.values())
+
+
+def test_the_log_vouches_for_an_endpoint_once_it_was_found_empty(
+    store: Store, record: Record
+) -> None:
+    assert not store.logged_from_start("cdcs", ENDPOINT)
+    store.note_empty("cdcs", ENDPOINT)
+    store.note_empty("cdcs", ENDPOINT)  # said twice (two workers, two daemons): one row
+    assert store.logged_from_start("cdcs", ENDPOINT)
+    assert not store.logged_from_start("cdcs", "https://other.example/")
+    assert not store.logged_from_start("elabftw", ENDPOINT)
 
 
 def test_a_dead_workers_attempts_become_interrupted_until_a_success(
@@ -127,7 +140,7 @@ def test_a_dead_workers_attempts_become_interrupted_until_a_success(
 
     assert store.recover([dead]) == 1
     assert [u.state for u in store.uploads(sid)] == ["interrupted", "in_flight"]
-    assert store.standings(sid)[("cdcs", ENDPOINT)] == Standing(interrupted=True)
+    assert store.standings(sid)[("cdcs", ENDPOINT)] == Standing(interrupted=True, attempted=True)
     assert store.lock_session(sid, "lab-5", record.name)  # its lock was released
 
     _log(store, record, "cdcs", True)

@@ -63,6 +63,7 @@ class ArchiveDestination(ExportDestination):
 
     name = "archive"
     priority = 50
+    reads = frozenset()  # needs no other destination: runs beside them
 
     def __init__(self) -> None:
         self.root: Path | None = None

@@ -4,7 +4,7 @@ A NexusLIMS destination ports by changing its imports: it needs only ``name``,
 ``priority``, ``enabled``, ``validate_config()`` and ``export(context)``, and does not
 have to subclass anything (:class:`PortedDestination` wraps it). A destination that
 subclasses :class:`ExportDestination` may also override the optional hooks —
-``configure``, ``endpoint``, ``disabled_reason``, ``update`` and ``reconcile`` — whose
+``reads``, ``configure``, ``endpoint``, ``disabled_reason``, ``update`` and ``reconcile`` — whose
 defaults are declared here, the way pluggy declares hookspecs: nxdrop calls them on every
 destination and never looks for them with ``getattr``.
 """
@@ -64,8 +64,9 @@ class ExportContext:
         ``instrument_name``, ``motivation``, ``reservation_url``
         (:data:`nxdrop.records.METADATA_KEYS`). NexusLIMS leaves it empty.
     ``previous_results``
-        The results of the destinations that ran before this one, by name, so that a
-        destination can link to them (``get_result("cdcs")``).
+        The results of the destinations this one waited for (its ``reads``; without them,
+        every destination before it), by name, so that a destination can link to them
+        (``get_result("cdcs")``).
     ``activities``
         The record's acquisition activities (:class:`~nxdrop.activities.AcquisitionActivity`,
         with NexusLIMS's attribute names), read from its ``<acquisitionActivity>`` elements.
@@ -77,7 +78,13 @@ class ExportContext:
     and ``sha256`` come from it), ``attempt`` (1 for the first call, 2 for the first retry,
     …) and ``interrupted``: true when an earlier attempt at this destination, for this
     session, was cut off after it may have reached the server (nxdrop was killed mid-call),
-    so look for what that attempt may have made before creating anything.
+    so look for what that attempt may have made before creating anything. ``unseen``: true
+    when nxdrop's log vouches that the destination holds no record of this session — no
+    attempt at its endpoint was ever logged for the session, and the endpoint held none of
+    the destination's records when this database began logging there
+    (:meth:`ExportDestination.holds_no_records`) — so a lookup before creating can be
+    skipped. Only ever true for the first call of an attempt: a retried call may follow one
+    that reached the server.
     """
 
     xml_file_path: Path
@@ -93,6 +100,7 @@ class ExportContext:
     record: Record | None = None
     attempt: int = 1
     interrupted: bool = False
+    unseen: bool = False
 
     def __post_init__(self) -> None:
         # nxdrop's order before NexusLIMS's was (…, instrument_pid, user, dt_from, dt_to):
@@ -162,14 +170,27 @@ class ExportDestination:
     """Base class of nxdrop's destinations; every optional hook has its default here.
 
     Required, as in NexusLIMS: ``name``, ``priority``, ``enabled``, ``validate_config``
-    and ``export``. Optional, with the defaults below: ``configure`` (receive nxdrop's
-    settings once), ``disabled_reason``, ``endpoint`` (where records go: earlier results are
-    reused only at the same endpoint), ``update`` (new content for a session this
-    destination already holds) and ``reconcile`` (the same content again).
+    and ``export``. Optional, with the defaults below: ``reads`` (the destinations whose
+    results it needs), ``configure`` (receive nxdrop's settings once), ``disabled_reason``,
+    ``endpoint`` (where records go: earlier results are reused only at the same endpoint),
+    ``update`` (new content for a session this destination already holds) and
+    ``reconcile`` (the same content again).
     """
 
     name: str = ""
     priority: int = 0
+    reads: frozenset[str] | None = None
+    """The names of the destinations whose results this one reads (``context.get_result``).
+
+    It starts once those of them that come before it — higher priority; between equal
+    priorities, the order ``nxdrop destinations`` lists, by name — are done, and sees
+    exactly their results; destinations that do not depend on each other run side by side
+    (under ``all`` and ``best_effort``; ``first_success`` runs them one by one). ``None``,
+    the default, waits for every destination before it and sees all their results, as in
+    NexusLIMS; ``frozenset()`` waits for none. A name that is not enabled is absent (the
+    destination runs without it); reading one of lower priority, which runs later, is
+    meaningless: it is ignored, with a warning at start.
+    """
 
     def configure(self, settings: Settings) -> None:
         """Called once after creation with nxdrop's settings; the default ignores them."""
@@ -218,6 +239,17 @@ class ExportDestination:
         """
         return earlier
 
+    def holds_no_records(self) -> bool | None:
+        """Whether the endpoint holds none of this destination's records at all.
+
+        Asked once per process while the database has not yet vouched for the endpoint.
+        ``True`` lets nxdrop vouch, from then on, for every session it has never sent there
+        (``context.unseen``), so the lookup before each create can be skipped. ``False``
+        (it holds records this database may not know) or ``None`` (cannot tell: the
+        default) keeps ``unseen`` false.
+        """
+        return None
+
 
 @runtime_checkable
 class NexusLIMSDestination(Protocol):
@@ -235,12 +267,22 @@ class NexusLIMSDestination(Protocol):
 
 
 class PortedDestination(ExportDestination):
-    """A NexusLIMS-style destination given the optional hooks' defaults."""
+    """A NexusLIMS-style destination given the optional hooks' defaults.
+
+    ``reads`` is the one optional hook a plain class may declare itself, as a class
+    attribute (any collection of names); without it, it waits for every destination before
+    it, as in NexusLIMS.
+    """
 
     def __init__(self, plugin: NexusLIMSDestination) -> None:
         self.plugin = plugin
         self.name = str(plugin.name)
         self.priority = int(plugin.priority)
+        # Not in NexusLIMS's interface, so not in the Protocol: this is the one place it is
+        # looked for. A lone string is one name, not its letters.
+        reads = getattr(plugin, "reads", None)
+        if reads is not None:
+            self.reads = frozenset([reads] if isinstance(reads, str) else map(str, reads))
 
     @property
     def enabled(self) -> bool:

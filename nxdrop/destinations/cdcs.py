@@ -95,6 +95,7 @@ class CDCSDestination(ExportDestination):
 
     name = "cdcs"
     priority = 100
+    reads = frozenset()  # needs no other destination: runs beside them
 
     def __init__(self) -> None:
         self.template_setting: str | None = None
@@ -325,7 +326,9 @@ class CDCSDestination(ExportDestination):
         given = (earlier.metadata.get("owner_id") if earlier is not None else None) or None
         if given is not None:
             owners.add(str(given))
-        listed = self._session_records(title, template, context.content, owners)
+        # Nothing to find where the log vouches that nothing was ever sent for the session.
+        skip = context.unseen and earlier is None and stored_id is None
+        listed = [] if skip else self._session_records(title, template, context.content, owners)
         found = next(
             (r for r in listed if stored_id and str(r.record.get("id")) == stored_id), None
         )
@@ -366,6 +369,14 @@ class CDCSDestination(ExportDestination):
             record_url=join_url(self._http().base_url, f"data?id={record_id}"),
             metadata=metadata,
         )
+
+    def holds_no_records(self) -> bool | None:
+        """Whether CDCS holds no record under the template: none of the token user's, and
+        with ``NX_CDCS_USER_OWNED_RECORDS`` none of any user's. A first page is enough."""
+        template = self._template_id()
+        if self._get("rest/data/", template=template, page="1")["results"]:
+            return False
+        return not (self.user_owned and self._admin_get("rest/admin/data/", template=template))
 
     def _session_records(
         self, title: str, template: str, content: bytes, owners: Iterable[str]

@@ -13,12 +13,13 @@ session field is this session exactly: anything else found by id or by search is
 
 No duplicates: every step looks before it acts. Before creating, ``export`` looks for the
 session's experiment, archived ones included: on eLabFTW 5.4 and newer with the extended
-search for the exact field (``extrafield:"SHA-256":<sha>``, then the session field), on
-older servers with a text search for the session identifier (title and body); every hit is
-read and its fields compared exactly. An experiment is created without tags (a team may
-forbid users to create tags, and eLabFTW refuses such a create only after it has stored
-the experiment, with no id in its answer); the tags are added after, one at a time, and
-one the team does not let the key create is reported, not fatal. The upload is recognised
+search for the exact fields (``extrafield:"SHA-256":<sha> OR`` the session field, one
+query), on older servers with a text search for the session identifier (title and body);
+every hit is read and its fields compared exactly. An experiment is created with its tags,
+in one request. A team may forbid users to create tags: eLabFTW then refuses the create only
+after it has stored the experiment, with no id in its answer, so the experiment is found by
+its SHA-256 and finished like any other, its tags added one at a time; one the team does
+not let the key create is reported, not fatal. The upload is recognised
 by the hash eLabFTW keeps of each file, the CDCS link by the field and the link in the
 body, new content by the SHA-256 field, which changes last. A retry after any failure, even
 after a request whose answer was lost, therefore does nothing twice.
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _LIST_LIMIT = 1000  # categories/statuses: the server's default page is 15
-_HASH_HITS = 5  # experiments whose SHA-256 field holds ours (a LIKE: a longer value too)
 # The session searches are SQL LIKE: "_" matches any character and a longer identifier
 # holds a shorter one, so neighbouring sessions are found too.
 _SESSION_HITS = 100
@@ -68,6 +68,7 @@ class ELabFTWDestination(ExportDestination):
 
     name = "elabftw"
     priority = 85
+    reads = frozenset({"cdcs"})  # links to the CDCS record: waits for CDCS alone
 
     def __init__(self) -> None:
         self.site: str | None = None
@@ -136,7 +137,8 @@ class ELabFTWDestination(ExportDestination):
         self.api.version()  # an unsupported server is refused before anything is sent
         category, status = self._category_status()
         facts = _facts(context)
-        found = self._find(facts)
+        # Nothing to find where the log vouches that nothing was ever sent for the session.
+        found = None if context.unseen else self._find(facts)
         if found is not None:
             return self._complete(found, facts, context)
         return self._create(facts, context, category, status)
@@ -168,6 +170,15 @@ class ELabFTWDestination(ExportDestination):
         if found is None or doc.sha_of(found) != context.sha256:
             return self.export(context)
         return self._complete(found, _facts(context), context)
+
+    def holds_no_records(self) -> bool | None:
+        """Whether eLabFTW shows this key no experiment of NexusLIMS's making, archived ones
+        included: none with the word in its title or body (nxdrop's and NexusLIMS's), and
+        none tagged ``NexusLIMS`` (an experiment of an older nxdrop)."""
+        self.api.version()
+        return not (
+            self.api.search(q=f'"{doc.TAG}"', limit=1) or self.api.search(tag=doc.TAG, limit=1)
+        )
 
     # -- finding our experiment --------------------------------------------------------
 
@@ -205,15 +216,12 @@ class ELabFTWDestination(ExportDestination):
         lists them, and the exact comparison of the fields sorts them out.
         """
         if self.api.version() >= EXTENDED_SEARCH:
-            by_hash = _field_query(doc.SHA_256, facts.sha256)
-            by_session = " OR ".join(
-                _field_query(name, facts.session) for name in (doc.SESSION_ID, doc.OLD_SESSION)
-            )
+            # One query for both: a new record (the common case) costs one empty answer.
+            fields = [(doc.SHA_256, facts.sha256)]
+            fields += [(name, facts.session) for name in (doc.SESSION_ID, doc.OLD_SESSION)]
+            query = " OR ".join(_field_query(name, value) for name, value in fields)
             try:
-                found = self._pick(self.api.search(extended=by_hash, limit=_HASH_HITS), facts)
-                if found is not None and doc.sha_of(found) == facts.sha256:
-                    return found
-                return self._pick(self.api.search(extended=by_session, limit=_SESSION_HITS), facts)
+                return self._pick(self.api.search(extended=query, limit=_SESSION_HITS), facts)
             except PermanentError as exc:
                 if exc.status_code != 400:
                     raise
@@ -253,20 +261,33 @@ class ELabFTWDestination(ExportDestination):
             # The SHA-256 is stored with the experiment itself, so whatever happens after
             # this request (a lost answer, a crash), the next attempt finds it.
             "metadata": doc.new_metadata(facts),
+            "tags": doc.tags(facts),
         }
         if category is not None:
             payload["category"] = category
         if status is not None:
             payload["status"] = status
-        experiment_id = self.api.create(payload)
+        try:
+            experiment_id = self.api.create(payload)
+        except PermanentError as exc:
+            if exc.status_code != 400:
+                raise
+            # A team that forbids users to create tags refuses a new tag only after the
+            # experiment is stored (src/traits/InsertTagsTrait.php, src/models/Tags.php
+            # ``create``), and its answer has no id: find it by its SHA-256, then finish it
+            # as any other found experiment, adding the tags one at a time.
+            found = self._find(facts)
+            if found is None or doc.sha_of(found) != facts.sha256:
+                raise
+            log.info("eLabFTW refused a tag of the new experiment %s (%s)", found["id"], exc)
+            return self._complete(found, facts, context)
         upload_id = self.api.upload(
             experiment_id, f"{facts.session}.xml", context.content, facts.sha256
         )
-        missing = self._add_tags(experiment_id, doc.tags(facts), facts.session)
         if self.api.version() < CONTENT_TYPE_ON_CREATE:
             # Older servers store the key's preferred editor instead: the body is HTML.
             self.api.patch(experiment_id, {"content_type": doc.HTML})
-        return self._result(experiment_id, upload_id, facts.cdcs_url, missing)
+        return self._result(experiment_id, upload_id, facts.cdcs_url, [])
 
     def _complete(
         self, experiment: dict[str, Any], facts: doc.Facts, context: ExportContext

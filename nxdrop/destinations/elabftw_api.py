@@ -123,9 +123,15 @@ class ELabFTWApi:
     # -- experiments -------------------------------------------------------------------
 
     def search(
-        self, *, limit: int, q: str | None = None, extended: str | None = None
+        self,
+        *,
+        limit: int,
+        q: str | None = None,
+        extended: str | None = None,
+        tag: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Experiments matching a text search (``q``) or an extended one, archived included.
+        """Experiments matching a text search (``q``), an extended one, or with ``tag``,
+        archived included.
 
         The list shows the normal state only unless told (src/Params/BaseQueryParams.php:
         ``?state=1,2`` for normal and archived). An older BaseQueryParams reads
@@ -137,6 +143,8 @@ class ELabFTWApi:
             params["q"] = q
         if extended is not None:
             params["extended"] = extended
+        if tag is not None:
+            params["tags[]"] = tag
         if self.version() < EXTENDED_SEARCH:
             params["archived"] = "on"
         found = self.http.json("GET", "experiments", params=params)

@@ -111,6 +111,7 @@ class HttpClient:
         verify: bool | str = True,
         max_body: int = MIN_BODY_LIMIT,
         redactor: Redactor | None = None,
+        connections: int = 10,
     ) -> None:
         self.base_url = base_url
         self.timeout = timeout
@@ -120,7 +121,7 @@ class HttpClient:
         self.redactor = redactor if redactor is not None else Redactor(headers.values())
         if isinstance(verify, str):
             _check_bundle(verify)
-        self.session = make_session()
+        self.session = make_session(base_url, connections=connections)
         self.session.headers.update({"User-Agent": f"nxdrop/{__version__}", **headers})
         self.session.verify = verify
         if verify is False:
@@ -136,6 +137,7 @@ class HttpClient:
             verify=settings.tls_verify,
             max_body=body_limit(settings.max_record_bytes),
             redactor=Redactor.from_settings(settings),
+            connections=settings.workers,
         )
 
     def url(self, path: str) -> str:
@@ -161,10 +163,8 @@ class HttpClient:
     def _within(self, method: str, url: str, deadline: Deadline, kwargs: dict[str, Any]) -> Reply:
         try:
             left = deadline.left()
-            # ``verify`` on every request: requests would otherwise let $REQUESTS_CA_BUNDLE
-            # override the session's, and NX_CERT_BUNDLE would be ignored.
             response = self.session.request(
-                method, url, timeout=(left, left), stream=True, verify=self.verify, **kwargs
+                method, url, timeout=(left, left), stream=True, **kwargs
             )
             try:
                 return self._reply(method, url, response, deadline)
@@ -251,6 +251,9 @@ class HttpClient:
                 buffer[got : got + len(chunk)] = chunk
                 got += len(chunk)
             del buffer[got:]
+            # Read on to the end (b""): urllib3 then hands the connection back to the pool;
+            # an answer left unfinished, an empty 201 say, would cost a new connection.
+            raw.read(CHUNK, decode_content=True)
             return buffer
         buffer = bytearray()
         while chunk := raw.read(CHUNK, decode_content=True):

@@ -822,7 +822,7 @@ def test_a_500_to_a_read_is_retried(
     make_app: MakeApp,
 ) -> None:
     cdcs_proxy.answer("GET", TEMPLATE_XSD, 500, SERVER_FAULT, times=1)
-    cdcs_proxy.answer("GET", r"^/rest/data/\?", 500, SERVER_FAULT, times=1)
+    cdcs_proxy.answer("GET", r"^/rest/data/\?title=", 500, SERVER_FAULT, times=1)
     app = make_app(destination(cdcs_url=cdcs_proxy.url), retry_max_time=30)
 
     report = app.pipeline.process(record())

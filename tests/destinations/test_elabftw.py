@@ -533,8 +533,12 @@ def test_the_search_names_the_field_and_includes_archived_experiments(
     context = context_for(place(name=f"{SESSION}.xml"))
     destination().export(context)
 
-    first = searches(elabftw_fake)[0]
-    assert first["extended"] == f'extrafield:"SHA-256":{context.sha256}'
+    [first] = searches(elabftw_fake)  # one query for the hash and the session
+    session = SESSION.replace("_", "\\_")  # "_" is a LIKE wildcard: escaped
+    assert first["extended"] == (
+        f'extrafield:"SHA-256":{context.sha256} OR extrafield:"Session ID":"{session}" '
+        f'OR extrafield:"Session":"{session}"'
+    )
     assert first["state"] == "1,2"
     assert "q" not in first
 
@@ -819,7 +823,9 @@ def test_tags_the_team_forbids_leave_one_experiment_found_again_on_retry(
     assert live_uploads(exp) == [(drop / "uploaded" / f"{SESSION}.xml").read_bytes()]
     [result] = report.results
     assert result.metadata["tags_missing"] == ["FEI-Titan-TEM", "Ned Land (ned)"]
-    assert not any("tags" in r.json() for r in elabftw_fake.calls("POST", "experiments"))
+    # One create, with the tags: stored, then refused for the new tag; found by its hash.
+    [create] = elabftw_fake.calls("POST", "experiments")
+    assert create.status == 400 and "FEI-Titan-TEM" in create.json()["tags"]
     refused = [r for r in elabftw_fake.calls("POST", r"experiments/\d+/tags") if r.status == 400]
     assert len(refused) == 2
 
@@ -843,8 +849,8 @@ def test_tags_the_team_forbids_leave_one_experiment_found_again_on_retry(
 def test_a_create_carrying_a_forbidden_tag_stores_the_experiment_and_answers_400(
     elabftw_fake: FakeELabFTW,
 ) -> None:
-    """Why nxdrop creates without tags: eLabFTW stores the experiment, then refuses the new
-    tag, and its answer has no id (src/models/Experiments.php create → InsertTagsTrait)."""
+    """Why a refused create is looked for: eLabFTW stores the experiment, then refuses the
+    new tag, and its answer has no id (src/models/Experiments.php create → InsertTagsTrait)."""
     elabftw_fake.user_create_tag = False
     answer = fake_api(
         elabftw_fake, "POST", "experiments", json={"title": "x", "tags": ["brand new"]}
@@ -1265,10 +1271,19 @@ def test_prism_accepts_what_export_sends(
         ("GET", "/api/v2/experiments"),
         ("POST", "/api/v2/experiments"),
         ("POST", "/api/v2/experiments/42/uploads"),
-        ("POST", "/api/v2/experiments/42/tags"),
     }
-    assert calls.count(("POST", "/api/v2/experiments/42/tags")) == 3
+    # The tags go with the create (its body checked against the spec below); the tag
+    # calls of update and reconcile are checked in the test after this one.
+    [create] = [r for r in seen if (r.request.method, r.request.path_url) == CREATE]
+    assert json.loads(create.request.body or b"{}")["tags"] == [
+        "NexusLIMS",
+        "FEI-Titan-TEM",
+        "Ned Land (ned)",
+    ]
     assert [(r.request.path_url, violations(r)) for r in seen if violations(r)] == []
+
+
+CREATE = ("POST", "/api/v2/experiments")
 
 
 def pretend_ours(dest: ELabFTWDestination, sha: str) -> None:

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import hmac
 import os
+import threading
 import time
 import xml.etree.ElementTree as ET
 from html import escape
@@ -127,6 +128,11 @@ class LabArchivesDestination:
     name = "labarchives"
     priority = 90  # after CDCS (100), so that its link exists
 
+    def __init__(self) -> None:
+        # One instance serves every worker: two records of one instrument must not both
+        # find its folder missing and make two.
+        self._folders = threading.Lock()
+
     @property
     def enabled(self) -> bool:
         return all(os.environ.get(name) for name in SETTINGS)
@@ -167,9 +173,12 @@ class LabArchivesDestination:
     def _page(self, client: Client, nbid: str, context: ExportContext) -> str:
         """A new page for the session, in its instrument's folder (made when missing)."""
         parent = "0"
-        for folder in (ROOT_FOLDER, context.instrument_pid):
-            found = [i for i, text in client.tree_level(nbid, parent) if text == folder]
-            parent = found[0] if found else client.insert_node(nbid, parent, folder, folder=True)
+        with self._folders:
+            for folder in (ROOT_FOLDER, context.instrument_pid):
+                found = [i for i, text in client.tree_level(nbid, parent) if text == folder]
+                parent = (
+                    found[0] if found else client.insert_node(nbid, parent, folder, folder=True)
+                )
         title = f"{context.dt_from:%Y-%m-%d} \u2014 {context.session_identifier}"
         return client.insert_node(nbid, parent, title, folder=False)
 
