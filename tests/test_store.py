@@ -121,12 +121,14 @@ def test_standings_say_what_each_destination_holds_per_endpoint(
 def test_the_log_vouches_for_an_endpoint_once_it_was_found_empty(
     store: Store, record: Record
 ) -> None:
-    assert not store.logged_from_start("cdcs", ENDPOINT)
-    store.note_empty("cdcs", ENDPOINT)
-    store.note_empty("cdcs", ENDPOINT)  # said twice (two workers, two daemons): one row
-    assert store.logged_from_start("cdcs", ENDPOINT)
-    assert not store.logged_from_start("cdcs", "https://other.example/")
-    assert not store.logged_from_start("elabftw", ENDPOINT)
+    # The PostgreSQL database is shared by every test: an endpoint of this test's own.
+    endpoint = f"https://{record.session_identifier.lower()}.example/"
+    assert not store.logged_from_start("cdcs", endpoint)
+    store.note_empty("cdcs", endpoint)
+    store.note_empty("cdcs", endpoint)  # said twice (two workers, two daemons): one row
+    assert store.logged_from_start("cdcs", endpoint)
+    assert not store.logged_from_start("cdcs", endpoint + "other/")
+    assert not store.logged_from_start("elabftw", endpoint)
 
 
 def test_a_dead_workers_attempts_become_interrupted_until_a_success(

@@ -521,19 +521,28 @@ class CDCSDestination(ExportDestination):
         # A record left private would look exported but be invisible: fail instead.
         # No trailing slash: CDCS answers 404 to ``.../assign/<id>/``.
         path = f"rest/data/{record_id}/assign/{workspace}"
-        unpublished = f"record {record_id} is in CDCS but NOT published: "
+        self._step(path, f"record {record_id} is in CDCS but NOT published: ", refusals=_REFUSALS)
+        record["workspace"] = workspace
+
+    def _step(
+        self, path: str, unfinished: str, *, refusals: tuple[str, ...] = (), denied: str = ""
+    ) -> None:
+        """``PATCH path``, a step after the record exists; every error it raises begins with
+        ``unfinished`` (the record is there, the step is not). The retry finds the record and
+        takes the step then: a 500 is retried unless it is one of the ``refusals``, and a
+        401 or 403 says ``denied`` first."""
         try:
             self._http().request("PATCH", path)
         except TransientError as exc:
-            # The retry finds this record by its content and publishes it then.
             raise TransientError(
-                f"{unpublished}{exc}", status_code=exc.status_code, retry_after=exc.retry_after
+                f"{unfinished}{exc}", status_code=exc.status_code, retry_after=exc.retry_after
             ) from exc
         except PermanentError as exc:
-            if exc.status_code == 500 and not any(r in str(exc) for r in _REFUSALS):
-                raise TransientError(f"{unpublished}{exc}", status_code=500) from exc
-            raise PermanentError(f"{unpublished}{exc}", status_code=exc.status_code) from exc
-        record["workspace"] = workspace
+            status = exc.status_code
+            if status == 500 and not any(r in str(exc) for r in refusals):
+                raise TransientError(f"{unfinished}{exc}", status_code=500) from exc
+            why = f"{denied}: " if denied and status in (401, 403) else ""
+            raise PermanentError(f"{unfinished}{why}{exc}", status_code=status) from exc
 
     # -- NX_CDCS_USER_OWNED_RECORDS ------------------------------------------------------
 
@@ -590,21 +599,8 @@ class CDCSDestination(ExportDestination):
             return
         path = f"rest/data/{record_id}/change-owner/{owner.user_id}"
         given = f"record {record_id} is in CDCS but NOT given to user {owner.username!r}: "
-        try:
-            self._http().request("PATCH", path)
-        except TransientError as exc:
-            # The retry finds the record among the token user's and gives it then.
-            raise TransientError(
-                f"{given}{exc}", status_code=exc.status_code, retry_after=exc.retry_after
-            ) from exc
-        except PermanentError as exc:
-            if exc.status_code in (401, 403):
-                raise PermanentError(
-                    f"{given}{_SUPERUSER}: {exc}", status_code=exc.status_code
-                ) from exc
-            if exc.status_code == 500:  # e.g. the user was deleted meanwhile: look again
-                raise TransientError(f"{given}{exc}", status_code=500) from exc
-            raise PermanentError(f"{given}{exc}", status_code=exc.status_code) from exc
+        # A 500: the user was deleted meanwhile, say; the retry looks again.
+        self._step(path, given, denied=_SUPERUSER)
         log.info(
             "CDCS record %s given to user %r",
             record_id,
