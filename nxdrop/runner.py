@@ -134,7 +134,7 @@ class DestinationRunner:
                 self.name,
                 endpoint,
             )
-        return bool(empty) if empty is not None else False
+        return bool(empty)  # None, "cannot tell": not asked again in this process
 
     def _call_for(
         self, context: ExportContext, record: Record, earlier: UploadRow | None
