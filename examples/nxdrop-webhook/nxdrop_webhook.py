@@ -5,7 +5,8 @@ Configuration, read from the environment like nxdrop's own settings:
 - ``NX_WEBHOOK_URL``: where to POST (the destination is off while it is unset)
 - ``NX_WEBHOOK_TIMEOUT``: seconds for the request (default 10)
 
-It runs after CDCS and eLabFTW (priority 40) so it can link to the CDCS record.
+It reads CDCS's result alone (``reads``): it starts once CDCS is done, side by side with
+eLabFTW and the archive, and links to the CDCS record.
 
 Every POST carries an ``Idempotency-Key`` header: the SHA-256 of the record's bytes. A post
 that nxdrop retries (the reply was lost) or sends again (the file was dropped again) has
@@ -27,6 +28,7 @@ class WebhookDestination(ExportDestination):
 
     name = "webhook"
     priority = 40
+    reads = frozenset({"cdcs"})
 
     def __init__(self) -> None:
         self.url = os.environ.get("NX_WEBHOOK_URL", "")
