@@ -20,15 +20,20 @@ from nxdrop.store import Store
 EXIT_OK, EXIT_FAILED = 0, 1
 
 
+def _unavailable(exc: DatabaseUnavailable) -> int:
+    """A command that needs the database while it is down: say so, exit 1."""
+    print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def export(settings: Settings, files: list[Path]) -> int:
     """``nxdrop export FILE…``: 0 when every file was exported, else 1."""
     app = build_app(settings)
     try:
         app.connect()
     except DatabaseUnavailable as exc:
-        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
         app.close()
-        return EXIT_FAILED
+        return _unavailable(exc)
     try:
         progress = Progress(len(files))
         failed = 0
@@ -114,8 +119,7 @@ def status(
         recent = store.recent_sessions(limit, statuses=statuses, since=since, instrument=instrument)
         rows = status_view.with_owners(recent, DropFolder(settings.drop))
     except DatabaseUnavailable as exc:
-        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _unavailable(exc)
     if as_json:
         print(status_view.sessions_json(rows))
     else:
@@ -131,8 +135,7 @@ def status_page(settings: Settings, path: Path, *, days: int) -> int:
     try:
         write_report(store, path, days=days)
     except DatabaseUnavailable as exc:
-        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _unavailable(exc)
     print(f"wrote {path}")
     return EXIT_OK
 
@@ -167,8 +170,7 @@ def backfill(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     except DatabaseUnavailable as exc:
-        print(f"nxdrop: the database is unavailable: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _unavailable(exc)
     finally:
         app.close()
     print(
