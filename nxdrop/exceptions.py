@@ -1,6 +1,6 @@
 """The one exception tree of nxdrop.
 
-Third-party errors (requests, lxml, peewee, pydantic) are converted into these at the
+Third-party errors (requests, lxml, peewee, python-dotenv) are converted into these at the
 boundary where they happen, with ``raise … from`` so the cause stays in the traceback.
 """
 

@@ -3,6 +3,11 @@
 Built once by :func:`load_settings` and passed down; nothing reads the environment later.
 A relative path (``NX_*_PATH``, ``NX_CERT_BUNDLE``, the ``*_FILE`` secrets, a SQLite
 ``NX_DB_URL``) is taken from the working directory nxdrop was started in, once, here.
+
+The variables follow pydantic-settings' rules, as NexusLIMS reads them (names in any case,
+the environment beats the env file, an empty value is "not set", pydantic's conversions and
+words): :mod:`nxdrop.envvars` does that without pydantic, whose import alone took longer
+than the whole start-up of ``nxdrop run --once`` may (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -10,14 +15,14 @@ from __future__ import annotations
 import os
 import ssl
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
+from nxdrop.envvars import check_bounds, convert, read_env_file, variables, without_none
 from nxdrop.exceptions import ConfigError
 from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
 
@@ -41,6 +46,7 @@ PATHS = (
 )
 # Settings where the word ``none`` (any case) switches the thing off.
 OFF_WORD = "none"
+OFF_SETTINGS = ("schema_path", "log_path")
 
 
 class Strategy(StrEnum):
@@ -51,6 +57,32 @@ class Strategy(StrEnum):
     BEST_EFFORT = "best_effort"  # try every destination; exported if one succeeded
 
 
+class Secret:
+    """A secret value that never shows in ``repr`` or ``str`` (pydantic's ``SecretStr``
+    interface, which plugins written for NexusLIMS call)."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        """The secret in clear: only for the request that needs it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********" if self._value else ""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
 def _default_data_path() -> Path:
     state = os.environ.get("STATE_DIRECTORY")
     if state:
@@ -59,24 +91,22 @@ def _default_data_path() -> Path:
     return Path.home() / ".local" / "state" / "nxdrop"
 
 
-class Settings(BaseSettings):
+def _bounds(**limits: float) -> Any:
+    """A field's limits (``ge``, ``gt``, ``le``), checked as pydantic's ``Field`` does."""
+    return {"bounds": limits}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
     """Every ``NX_`` setting of the contract; field ``foo`` is variable ``NX_FOO``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_file_encoding="utf-8",
-        extra="ignore",
-        validate_default=True,
-        env_ignore_empty=True,  # `NX_CDCS_URL=` in an env file means "not set"
-    )
-
-    data_path: Path = Field(default_factory=_default_data_path)
+    data_path: Path = field(default_factory=_default_data_path)
     drop_path: Path | None = None
     db_url: str | None = None
     export_strategy: Strategy = Strategy.ALL
 
     cdcs_url: str | None = None
-    cdcs_token: SecretStr | None = None
+    cdcs_token: Secret | None = None
     cdcs_token_file: Path | None = None
     cdcs_template: str | None = None
     cdcs_assign_to_public_workspace: bool = True
@@ -85,7 +115,7 @@ class Settings(BaseSettings):
     cdcs_user_owned_records: bool = False
 
     elabftw_url: str | None = None
-    elabftw_api_key: SecretStr | None = None
+    elabftw_api_key: Secret | None = None
     elabftw_api_key_file: Path | None = None
     elabftw_experiment_category: str | None = None
     elabftw_experiment_status: str | None = None
@@ -95,22 +125,22 @@ class Settings(BaseSettings):
 
     cert_bundle: Path | None = None
     disable_ssl_verify: bool = False
-    # ``$NX_DATA_PATH/logs`` unless set (see _derive); ``none`` for no log file.
+    # ``$NX_DATA_PATH/logs`` unless set; ``none`` for no log file.
     log_path: Path | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_target: Literal["auto", "journal", "stderr"] = "auto"
 
-    workers: int = Field(default=4, ge=1, le=64)
-    queue_size: int = Field(default=256, ge=1)
+    workers: int = field(default=4, metadata=_bounds(ge=1, le=64))
+    queue_size: int = field(default=256, metadata=_bounds(ge=1))
     observer: Literal["inotify", "polling"] = "inotify" if sys.platform == "linux" else "polling"
-    settle_seconds: float = Field(default=2.0, gt=0)
-    rescan_seconds: float = Field(default=60.0, gt=0)
-    stop_timeout: float = Field(default=60.0, gt=0)
+    settle_seconds: float = field(default=2.0, metadata=_bounds(gt=0))
+    rescan_seconds: float = field(default=60.0, metadata=_bounds(gt=0))
+    stop_timeout: float = field(default=60.0, metadata=_bounds(gt=0))
     # An export running, or work waiting unstarted, this long: stuck (no WATCHDOG=1).
-    stuck_seconds: float = Field(default=900.0, gt=0)
-    http_timeout: float = Field(default=30.0, gt=0)
-    retry_max_time: float = Field(default=120.0, ge=0)
-    max_record_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    stuck_seconds: float = field(default=900.0, metadata=_bounds(gt=0))
+    http_timeout: float = field(default=30.0, metadata=_bounds(gt=0))
+    retry_max_time: float = field(default=120.0, metadata=_bounds(ge=0))
+    max_record_bytes: int = field(default=50 * 1024 * 1024, metadata=_bounds(gt=0))
     # The NexusLIMS schema shipped in the package, unless another file or ``none``.
     schema_path: Path | None = NEXUS_EXPERIMENT_XSD
     # Prometheus: ``host:port`` (loopback with only a port) to serve /metrics, off unless
@@ -118,50 +148,15 @@ class Settings(BaseSettings):
     metrics_address: str | None = None
     metrics_textfile: Path | None = None
 
-    @field_validator("schema_path", "log_path", mode="before")
-    @classmethod
-    def _none_is_off(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() == OFF_WORD:
-            return None
-        return value
-
-    @field_validator(*PATHS, mode="after")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        return None if value is None else _absolute(value)
-
-    @field_validator("db_url", mode="after")
-    @classmethod
-    def _absolute_sqlite(cls, value: str | None) -> str | None:
-        return None if value is None else _absolute_sqlite_url(value)
-
-    @model_validator(mode="after")
-    def _derive(self) -> Settings:
-        if self.drop_path is None:
-            self.drop_path = self.data_path / "drop"
-        if self.db_url is None:
-            self.db_url = f"sqlite:///{self.data_path / 'nxdrop.db'}"
-        if self.log_path is None and "log_path" not in self.model_fields_set:
-            # Beside the state, as NexusLIMS keeps its log; NX_LOG_PATH=none is set, to None.
-            self.log_path = self.data_path / "logs"
-        for name in SECRETS:
-            if getattr(self, name) is None:
-                setattr(self, name, _read_secret(name, getattr(self, f"{name}_file")))
-        if self.cert_bundle is not None:
-            _check_ca_bundle(self.cert_bundle)
-        if self.schema_path is not None and not self.schema_path.is_file():
-            raise ValueError(f"NX_SCHEMA_PATH={self.schema_path}: no such file")
-        return self
-
     @property
     def drop(self) -> Path:
-        """The drop folder (always set after validation)."""
+        """The drop folder (always set by :func:`load_settings`)."""
         assert self.drop_path is not None
         return self.drop_path
 
     @property
     def database_url(self) -> str:
-        """The Peewee database URL (always set after validation)."""
+        """The Peewee database URL (always set by :func:`load_settings`)."""
         assert self.db_url is not None
         return self.db_url
 
@@ -223,7 +218,7 @@ def _check_ca_bundle(path: Path) -> None:
         raise ValueError(f"NX_CERT_BUNDLE={path}: not a PEM CA bundle: no certificate in it")
 
 
-def _read_secret(name: str, path: Path | None) -> SecretStr | None:
+def _read_secret(name: str, path: Path | None) -> Secret | None:
     """A secret from ``NX_<NAME>_FILE``, else from systemd's ``LoadCredential=``."""
     variable = f"{ENV_PREFIX}{name.upper()}_FILE"
     if path is None:
@@ -237,7 +232,7 @@ def _read_secret(name: str, path: Path | None) -> SecretStr | None:
         raise ValueError(f"{variable}={path}: cannot read the secret: {exc.strerror}") from None
     if not value:
         raise ValueError(f"{variable}={path}: the file is empty")
-    return SecretStr(value)
+    return Secret(value)
 
 
 def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Settings:
@@ -247,19 +242,58 @@ def load_settings(env_file: Path | str | None = None, **overrides: Any) -> Setti
     :class:`ConfigError` whose message names the variable.
     """
     env_file = env_file or os.environ.get(f"{ENV_PREFIX}ENV_FILE") or None
-    if env_file is not None and not Path(env_file).is_file():
-        raise ConfigError(f"env file {env_file}: no such file")
-    given = {k: v for k, v in overrides.items() if v is not None}
+    known = {f.name: f for f in fields(Settings)}
+    unknown = overrides.keys() - known.keys()
+    if unknown:
+        raise TypeError(f"load_settings: no setting named {', '.join(sorted(unknown))}")
+    given: dict[str, Any] = {}
+    if env_file is not None:
+        given |= variables(read_env_file(Path(env_file)), ENV_PREFIX)
+    given |= variables(os.environ, ENV_PREFIX)
+    given |= {name: value for name, value in overrides.items() if value is not None}
+
+    hints = get_type_hints(Settings)
+    values: dict[str, Any] = {}
+    errors = []
+    for name in known.keys() & given.keys():
+        try:
+            values[name] = _value(name, hints[name], given[name], known[name].metadata)
+        except ValueError as exc:
+            errors.append(f"{ENV_PREFIX}{name.upper()}: {exc}")
+    if errors:
+        raise ConfigError("; ".join(sorted(errors)))
     try:
-        return Settings(_env_file=env_file, **given)  # type: ignore[call-arg]
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        return Settings(**_derive(values))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors(include_url=False, include_input=False):
-        field = ".".join(str(part) for part in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{ENV_PREFIX}{field.upper()}: {message}" if field else message)
-    return "; ".join(lines)
+def _value(name: str, hint: Any, given: Any, metadata: Mapping[str, Any]) -> Any:
+    """One field's value from what was given (text, or a flag's typed value)."""
+    if name in OFF_SETTINGS and isinstance(given, str) and given.strip().lower() == OFF_WORD:
+        return None
+    value = convert(without_none(hint), given)
+    check_bounds(value, metadata.get("bounds", {}))
+    if name in PATHS:
+        return _absolute(value)
+    if name == "db_url":
+        return _absolute_sqlite_url(value)
+    return value
+
+
+def _derive(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings that follow from others, and the checks of files named."""
+    data_path = values.setdefault("data_path", _absolute(_default_data_path()))
+    values.setdefault("drop_path", data_path / "drop")
+    values.setdefault("db_url", f"sqlite:///{data_path / 'nxdrop.db'}")
+    # Beside the state, as NexusLIMS keeps its log; NX_LOG_PATH=none is set, to None.
+    values.setdefault("log_path", data_path / "logs")
+    for name in SECRETS:
+        if values.get(name) is None:
+            values[name] = _read_secret(name, values.get(f"{name}_file"))
+    if values.get("cert_bundle") is not None:
+        _check_ca_bundle(values["cert_bundle"])
+    schema = values.get("schema_path", NEXUS_EXPERIMENT_XSD)
+    if schema is not None and not schema.is_file():
+        raise ValueError(f"NX_SCHEMA_PATH={schema}: no such file")
+    return values

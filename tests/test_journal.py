@@ -319,8 +319,7 @@ def test_log_target_overrides_detection(
     target: str,
     to_journal: bool,
 ) -> None:
-    # NX_LOG_TARGET; model_copy works whether or not Settings declares log_target yet.
-    settings = make_settings().model_copy(update={"log_target": target})
+    settings = make_settings(log_target=target)
     if target == "journal":
         monkeypatch.delenv("JOURNAL_STREAM")  # the journal although stderr is not connected
     setup_logging(settings, stream=journal_stream, journal_socket=journald.path)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, get_type_hints
 
 import certifi
 import pytest
+from pydantic import Field, ValidationError, create_model
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from nxdrop.exceptions import ConfigError
 from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
-from nxdrop.settings import Strategy, load_settings
+from nxdrop.settings import PATHS, SECRETS, Settings, Strategy, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -265,3 +269,99 @@ def test_a_bad_cert_bundle_stops_the_command_with_exit_2(tmp_path: Path) -> None
         assert result.returncode == 2, result.stderr
         assert f"NX_CERT_BUNDLE={junk}: not a PEM CA bundle" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+# pydantic-settings, which nxdrop's settings follow (nxdrop.settings): a model of the same
+# fields, the same limits and the same rules, given the same variables, must agree with
+# nxdrop on every value and every error. Paths and secrets are nxdrop's own (relative paths,
+# `none`, secret files), tested above.
+class _PydanticBase(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NX_", extra="ignore", env_ignore_empty=True)
+
+
+def _pydantic_twin() -> type[BaseSettings]:
+    hints = get_type_hints(Settings)
+    definitions: dict[str, Any] = {
+        field.name: (hints[field.name], Field(field.default, **field.metadata.get("bounds", {})))
+        for field in dataclasses.fields(Settings)
+        if field.name not in {*PATHS, *SECRETS, "db_url"}
+    }
+    return create_model("PydanticTwin", __base__=_PydanticBase, **definitions)
+
+
+PYDANTIC_TWIN = _pydantic_twin()
+
+
+def _by_nxdrop(env_file: Path | None = None) -> dict[str, Any] | str:
+    try:
+        settings = load_settings(env_file)
+    except ConfigError as exc:
+        return str(exc)
+    return {name: getattr(settings, name) for name in PYDANTIC_TWIN.model_fields}
+
+
+def _by_pydantic(env_file: Path | None = None) -> dict[str, Any] | str:
+    try:
+        return PYDANTIC_TWIN(_env_file=env_file).model_dump()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        return "; ".join(sorted(f"NX_{str(e['loc'][0]).upper()}: {e['msg']}" for e in errors))
+
+
+@pytest.mark.parametrize(
+    ("variable", "values"),
+    [
+        (
+            "NX_WORKERS",
+            ["3", " 3 ", "+3", "3.0", "3.00", "3.", "1_0", "3.5", "0x10", "1e1", "٣", "0", "65"],
+        ),
+        ("NX_QUEUE_SIZE", ["1", "-1", "many"]),
+        ("NX_HTTP_TIMEOUT", ["7", " 2.5 ", ".5", "1e1", "1_0.5", "inf", "nan", "0", "-1", "0x1"]),
+        ("NX_RETRY_MAX_TIME", ["0", "-0.5", "Infinity"]),
+        ("nx_settle_seconds", ["0.1"]),
+        ("NX_CDCS_ASSIGN_TO_PUBLIC_WORKSPACE", ["true", "FALSE", "On", "off", "1", "0", "y"]),
+        ("NX_DISABLE_SSL_VERIFY", ["t", "N", " yes", "2", "perhaps", "tRuE"]),
+        ("NX_EXPORT_STRATEGY", ["all", "first_success", "best_effort", "ALL", " all", "most"]),
+        ("NX_OBSERVER", ["inotify", "polling", "fanotify"]),
+        ("NX_LOG_LEVEL", ["DEBUG", "debug", "ERROR"]),
+        ("Nx_Log_Target", ["journal", "stderr", "syslog"]),
+        ("NX_ELABFTW_TEAM", ["3", " spaced ", "Ä team"]),
+        ("NX_CDCS_URL", ["https://cdcs.example/", ""]),
+    ],
+)
+def test_values_and_errors_are_those_of_pydantic_settings(
+    monkeypatch: pytest.MonkeyPatch, variable: str, values: list[str]
+) -> None:
+    for value in values:
+        monkeypatch.setenv(variable, value)
+        assert _by_nxdrop() == _by_pydantic(), f"{variable}={value!r}"
+
+
+def test_an_env_file_is_read_as_pydantic_settings_reads_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("NX_WORKERS", "5")  # the environment beats the file
+    monkeypatch.setenv("ELAB_TEAM", "7")
+    env_file = tmp_path / "nexuslims.env"
+    env_file.write_text(
+        "# a NexusLIMS .env\n"
+        "NX_WORKERS=2\n"
+        "export NX_LOG_LEVEL=DEBUG\n"
+        "nx_http_timeout = 12.5  # seconds\n"
+        "NX_CDCS_URL='https://cdcs.example/cdcs/'\n"
+        'NX_CDCS_TEMPLATE="Nexus # template"\n'
+        "NX_ELABFTW_TEAM=${ELAB_TEAM}\n"
+        "NX_ELABFTW_EXPERIMENT_STATUS=\n"
+        "NX_EXPORT_STRATEGY\n"
+        "NX_UNKNOWN_SETTING=ignored\n"
+        "OTHER=1\n"
+    )
+    by_nxdrop = _by_nxdrop(env_file)
+    assert by_nxdrop == _by_pydantic(env_file)
+    assert isinstance(by_nxdrop, dict)
+    assert (by_nxdrop["workers"], by_nxdrop["http_timeout"], by_nxdrop["elabftw_team"]) == (
+        5,
+        12.5,
+        "7",
+    )
+    assert by_nxdrop["cdcs_template"] == "Nexus # template"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import stat
@@ -102,7 +103,7 @@ def test_stop_timeout_outlasts_the_daemons_own() -> None:
     # NX_STOP_TIMEOUT (60) plus one last HTTP call (NX_HTTP_TIMEOUT 30 + 5), by default.
     from nxdrop.settings import Settings
 
-    fields = Settings.model_fields
-    needed = fields["stop_timeout"].default + fields["http_timeout"].default + 5
+    defaults = {field.name: field.default for field in dataclasses.fields(Settings)}
+    needed = defaults["stop_timeout"] + defaults["http_timeout"] + 5
     stop = _directives("Service")["TimeoutStopSec"][0]
     assert float(stop.rstrip("s")) > needed
