@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from nxdrop.destinations.base import ExportDestination
 from nxdrop.destinations.registry import Found, discover, enabled_destinations
 from nxdrop.folders import DropFolder, WorkFolder
-from nxdrop.metrics import Metrics
+from nxdrop.metrics import Metrics, metrics_for
 from nxdrop.pipeline import Pipeline
 from nxdrop.runner import Stop
 from nxdrop.settings import Settings
@@ -82,7 +82,7 @@ def build_app(settings: Settings, destinations: list[ExportDestination] | None =
         destinations = enabled_destinations(found)
     store = Store(settings.database_url)
     work, recovery = WorkFolder.acquire(DropFolder(settings.drop))
-    stop, metrics = Stop(), Metrics()
+    stop, metrics = Stop(), metrics_for(settings)
     pipeline = Pipeline(settings, destinations, store, work, stop=stop, metrics=metrics)
     return App(
         settings, found, destinations, store, work, pipeline, stop, metrics, recovery.workers

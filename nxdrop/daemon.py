@@ -208,9 +208,11 @@ class Daemon:
     def _measure(self, *, final: bool = False) -> None:
         """Bring the gauges up to date; write the textfile now and then."""
         metrics = self.app.metrics
-        metrics.queued.set(len(self.intake) + self.dispatcher.queued)
-        metrics.in_flight.set(self.dispatcher.running)
-        metrics.database_up.set(0 if self.outage.down else 1)
+        metrics.gauges(
+            queued=len(self.intake) + self.dispatcher.queued,
+            in_flight=self.dispatcher.running,
+            database_up=not self.outage.down,
+        )
         path = self.settings.metrics_textfile
         now = time.monotonic()
         if path is not None and (final or now >= self._next_textfile):
@@ -273,7 +275,7 @@ class Daemon:
         else:
             self.counts[report.outcome] += 1
             if report.outcome is not Outcome.GONE:
-                self.app.metrics.records.labels(report.outcome.value).inc()
+                self.app.metrics.record_done(report.outcome.value)
             if report.outcome is not Outcome.GONE:
                 when = datetime.now().strftime("%H:%M:%S")
                 self._last = f"{done.path.name} {report.outcome.value} at {when}"

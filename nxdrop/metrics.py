@@ -1,9 +1,11 @@
 """Prometheus metrics: what nxdrop did and what it is doing, for dashboards and alerts.
 
-One :class:`Metrics` per process, in a registry of its own (no module state), served on
-``NX_METRICS_ADDRESS`` (loopback unless a host is given) and, with ``NX_METRICS_TEXTFILE``,
-written for node_exporter's textfile collector. Counters count since the process started,
-as Prometheus expects; ``examples/grafana/nxdrop.json`` and
+One :class:`PrometheusMetrics` per process, in a registry of its own (no module state),
+served on ``NX_METRICS_ADDRESS`` (loopback unless a host is given) and, with
+``NX_METRICS_TEXTFILE``, written for node_exporter's textfile collector. With neither set,
+nothing reads them: :func:`metrics_for` gives the plain :class:`Metrics`, which counts
+nothing, and prometheus_client is not even imported (start-up time). Counters count since
+the process started, as Prometheus expects; ``examples/grafana/nxdrop.json`` and
 ``examples/prometheus/nxdrop-alerts.yml`` read them.
 """
 
@@ -12,13 +14,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, write_to_textfile
-from prometheus_client.exposition import start_http_server
+from typing import TYPE_CHECKING, Any
 
 from nxdrop import __version__
 from nxdrop.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from nxdrop.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +29,44 @@ log = logging.getLogger(__name__)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
+def metrics_for(settings: Settings) -> Metrics:
+    """Prometheus metrics where something reads them, else the ones that count nothing."""
+    if settings.metrics_address or settings.metrics_textfile:
+        return PrometheusMetrics()
+    return Metrics()
+
+
 class Metrics:
+    """What nxdrop reports as it works; this one counts nothing (metrics are off)."""
+
+    def destination_done(
+        self, destination: str, result: str, *, calls: int, seconds: float, success: bool
+    ) -> None:
+        """One destination finished with one record."""
+
+    def record_done(self, outcome: str) -> None:
+        """One record file finished, with this outcome."""
+
+    def gauges(self, *, queued: int, in_flight: int, database_up: bool) -> None:
+        """What the daemon is doing now."""
+
+    def serve(self, address: str) -> None:
+        """Serve ``/metrics`` on ``address`` (``host:port``, or ``port`` for loopback)."""
+        raise ConfigError(f"NX_METRICS_ADDRESS={address}: metrics are not collected")
+
+    def write(self, path: Path) -> None:
+        """Write the metrics for node_exporter's textfile collector (atomically)."""
+
+    def close(self) -> None:
+        """Stop serving."""
+
+
+class PrometheusMetrics(Metrics):
     """Every metric nxdrop exports, in one registry."""
 
     def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = registry = CollectorRegistry()
         self.records = Counter(
             "nxdrop_records",
@@ -90,7 +126,6 @@ class Metrics:
     def destination_done(
         self, destination: str, result: str, *, calls: int, seconds: float, success: bool
     ) -> None:
-        """One destination finished with one record."""
         self.results.labels(destination, result).inc()
         self.calls.labels(destination).inc(calls)
         if calls > 1:
@@ -99,8 +134,17 @@ class Metrics:
         if success:
             self.last_success.labels(destination).set(time.time())
 
+    def record_done(self, outcome: str) -> None:
+        self.records.labels(outcome).inc()
+
+    def gauges(self, *, queued: int, in_flight: int, database_up: bool) -> None:
+        self.queued.set(queued)
+        self.in_flight.set(in_flight)
+        self.database_up.set(1 if database_up else 0)
+
     def serve(self, address: str) -> None:
-        """Serve ``/metrics`` on ``address`` (``host:port``, or ``port`` for loopback)."""
+        from prometheus_client.exposition import start_http_server
+
         host, port = parse_address(address)
         try:
             self._server, _ = start_http_server(port, host, registry=self.registry)
@@ -109,14 +153,14 @@ class Metrics:
         log.info("metrics on http://%s:%d/metrics", host, port)
 
     def write(self, path: Path) -> None:
-        """Write the metrics for node_exporter's textfile collector (atomically)."""
+        from prometheus_client import write_to_textfile
+
         try:
             write_to_textfile(str(path), self.registry)
         except OSError as exc:
             log.warning("cannot write the metrics to %s: %s", path, exc)
 
     def close(self) -> None:
-        """Stop serving."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -17,7 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from nxdrop.exceptions import ConfigError
-from nxdrop.metrics import Metrics, parse_address
+from nxdrop.metrics import PrometheusMetrics, parse_address
 from tests.conftest import REPO
 from tests.fixtures.plugins import install_plugin
 from tests.fixtures.service import Service, record, wait_until
@@ -118,7 +118,7 @@ def exported_names() -> set[str]:
     """The metric names nxdrop exports (with the suffixes Prometheus adds)."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
     names: set[str] = set()
-    for family in Metrics().registry.collect():
+    for family in PrometheusMetrics().registry.collect():
         names |= {family.name + suffix for suffix in suffixes.get(family.type, ("",))}
     return names
 
