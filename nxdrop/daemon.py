@@ -35,8 +35,8 @@ from nxdrop.outage import Outage
 from nxdrop.pipeline import Outcome
 from nxdrop.progress import Progress
 from nxdrop.service import Service
+from nxdrop.sighting import Sighting
 from nxdrop.systemd import Notifier
-from nxdrop.watcher import Sighting
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,15 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nxdrop.folders import DropFolder
 from nxdrop.settings import Settings
 from nxdrop.settle import SettleTracker
-from nxdrop.watcher import Kind, Sighting, Sink, Watcher
+from nxdrop.sighting import Kind, Sighting, Sink
+
+if TYPE_CHECKING:
+    from nxdrop.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +48,11 @@ class Intake:
         self.known = known  # already handed on, not yet claimed: no need to offer it again
         self.settle_seconds = settings.settle_seconds
         self.rescan_seconds = settings.rescan_seconds
-        self.watcher = (
-            Watcher(folder, settings.observer, settings.settle_seconds, sink) if watch else None
-        )
+        self.watcher: Watcher | None = None
+        if watch:
+            from nxdrop.watcher import Watcher  # watchdog only where something is watched
+
+            self.watcher = Watcher(folder, settings.observer, settings.settle_seconds, sink)
         # Without a watcher no later rescan comes: a file waits only for the settle time.
         patience = settings.rescan_seconds if watch else settings.settle_seconds
         self.tracker = SettleTracker(settings.settle_seconds, patience=patience)

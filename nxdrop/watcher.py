@@ -24,9 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +38,7 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver
 
 from nxdrop.folders import DropFolder, is_record_name
+from nxdrop.sighting import Kind, Sighting, Sink
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +48,6 @@ EVENTS = (FileClosedEvent, FileCreatedEvent, FileModifiedEvent, FileMovedEvent)
 
 # watchdog reports an inotify queue overflow only as this logger's warning.
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
-
-
-class Kind(Enum):
-    """What an event says about a file."""
-
-    READY = "ready"  # closed after writing, or renamed into the folder: take it now
-    CHANGED = "changed"  # appeared or changed, and no close event will come: let it settle
-    WRITING = "writing"  # a writer has it open and will close it: wait for the close
-
-
-@dataclass(frozen=True)
-class Sighting:
-    """One candidate path named by an event."""
-
-    path: Path
-    kind: Kind
-
-
-Sink = Callable[[Sighting], None]
 
 
 class DropHandler(FileSystemEventHandler):
