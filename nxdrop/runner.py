@@ -10,12 +10,11 @@ start turns into ``interrupted`` and the next attempt is told of (``context.inte
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-
-import backoff
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, TransientError
@@ -27,6 +26,8 @@ from nxdrop.store import AttemptState, Standing, Store, UploadRow
 log = logging.getLogger(__name__)
 
 MIN_RETRY_DELAY = 0.2  # seconds, however soon a server asks to be asked again
+# Exponential backoff with full jitter: a random wait up to 0.5 s, 1 s, 2 s, … 30 s.
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 
 
 @dataclass
@@ -171,8 +172,6 @@ class DestinationRunner:
     ) -> ExportResult:
         name = self.name
         started = time.monotonic()
-        delays: Iterator[float] = backoff.expo(base=2, factor=0.5, max_value=30)
-        next(delays)  # prime the generator (backoff's wait generators start with a yield)
         attempt = 0
         while True:
             attempt += 1
@@ -185,7 +184,7 @@ class DestinationRunner:
                 delay = (
                     max(exc.retry_after, MIN_RETRY_DELAY)  # "0" must not make a busy loop
                     if exc.retry_after is not None
-                    else backoff.full_jitter(next(delays))
+                    else _backoff(attempt)
                 )
                 if delay > self.retry_max_time - (time.monotonic() - started):
                     return _failed(name, exc, attempt, "gave up retrying: ")
@@ -234,3 +233,9 @@ def _failed(name: str, exc: BaseException, attempts: int, prefix: str = "") -> E
         status_code=getattr(exc, "status_code", None),
         attempts=attempts,
     )
+
+
+def _backoff(attempt: int) -> float:
+    """The wait after failed call number ``attempt``: uniform below an exponential cap, so
+    that workers failing together do not retry together ("full jitter")."""
+    return random.uniform(0, min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (attempt - 1)))

@@ -17,7 +17,6 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import peewee
-from playhouse.migrate import SchemaMigrator, migrate
 
 from nxdrop.database import Database
 from nxdrop.destinations.base import ExportResult, utcnow
@@ -549,12 +548,14 @@ SELECT 1 FROM endpoint_log WHERE destination_name = ? AND endpoint = ?"""
 
 def _add_missing_columns(db: peewee.Database, models: list[Any]) -> None:
     """Columns added since a table was created (all nullable or with defaults)."""
-    migrator = SchemaMigrator.from_database(db)
     for model in models:
         table = model._meta.table_name
         present = {c.name for c in db.get_columns(table)}
         missing = [f for f in model._meta.sorted_fields if f.column_name not in present]
         if missing:
+            from playhouse.migrate import SchemaMigrator, migrate  # rarely needed, and slow
+
+            migrator = SchemaMigrator.from_database(db)
             migrate(*(migrator.add_column(table, f.column_name, f) for f in missing))
 
 
