@@ -376,7 +376,21 @@ class LogFileHandler(logging.handlers.RotatingFileHandler):
         except OSError:
             self.handleError(record)
             return
-        super().emit(record)  # rotates first when this line would pass the limit
+        try:
+            # RotatingFileHandler.emit would format the line twice (once to measure it) and
+            # look at the path twice more; _follow_path has looked already. The end is
+            # sought: other processes append to the file too.
+            line = self.format(record) + self.terminator
+            stream = self.stream
+            assert stream is not None  # _follow_path opened it
+            if self.maxBytes > 0 and stream.seek(0, os.SEEK_END) + len(line) >= self.maxBytes:
+                self.doRollover()
+                stream = self.stream
+                assert stream is not None
+            stream.write(line)
+            self.flush()
+        except Exception:
+            self.handleError(record)
         if self._ok and self._failing:
             self._failing = False
             _warn(f"writing {self.baseFilename} again")

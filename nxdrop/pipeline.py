@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,7 @@ class Pipeline:
                 if other is not runner and held.latest_success is not None:
                     earlier[other.name] = held.latest_success.as_result()
             standing = standings.get((runner.name, runner.destination.endpoint), Standing())
-            context = replace(ExportContext.for_record(record), previous_results=earlier)
+            context = ExportContext.for_record(record).evolve(previous_results=earlier)
             return runner.run(context, record, standing)
 
     def _run(self, file: _File) -> FileReport:
@@ -255,7 +255,9 @@ class Pipeline:
                 record = self.reader.read(file.source, file.name)
             except RecordError as exc:
                 return self._reject(file, str(exc))
-            log.info("exporting %s (%d bytes)", file.name, len(record.content), extra=file.fields)
+            # DEBUG: at INFO each destination's result and the outcome say it all, and a line
+            # costs about as much as a SQL statement.
+            log.debug("exporting %s (%d bytes)", file.name, len(record.content), extra=file.fields)
             results = self._destinations(record)
             if self.stop.now.is_set() and not is_exported(self.strategy, results):
                 # Cut short by the stop, perhaps by it: the next start runs it again.
@@ -288,7 +290,7 @@ class Pipeline:
             runner = self.runners[i]
             seen = {r.destination_name: r for r in previous}
             standing = standings.get((runner.name, runner.destination.endpoint), Standing())
-            return runner.run(replace(context, previous_results=seen), record, standing)
+            return runner.run(context.evolve(previous_results=seen), record, standing)
 
         if self.strategy is not Strategy.FIRST_SUCCESS:
             return _SideBySide(self.waits, run, self.pool).run()

@@ -10,6 +10,7 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +39,13 @@ def _safe_parser() -> etree.XMLParser:
     return etree.XMLParser(dtd_validation=False, remove_comments=False, **_SAFE)
 
 
+def _cdcs_parser() -> etree.XMLParser:
+    """The tree parser of CDCS (core-main-app's ``check_xml_file_is_valid``: lxml with
+    ``remove_blank_text``, comments and processing instructions kept), safe as every parse
+    here: a record parsed with it is the tree CDCS validates (:attr:`Record.valid_against`)."""
+    return etree.XMLParser(remove_blank_text=True, **_SAFE)
+
+
 def _record_parser() -> etree.XMLParser:
     """The tree parser of records: as the stream (:func:`_stream`), it keeps no comments and
     no processing instructions, so that a value split by one (``2<!-- -->.5``) reads the
@@ -52,8 +60,12 @@ class Record:
     ``content`` is the file's exact bytes (CRLF and all): destinations send these. ``path``
     is where the bytes were read (the working folder), ``name`` the file's name in the drop
     folder, and ``signature`` the file's size, mtime and inode when it was read.
-    ``activities`` are its ``<acquisitionActivity>`` elements, and ``metadata`` what else
-    its head says (:data:`METADATA_KEYS`), both read in the same parse.
+    ``metadata`` is what else its head says (:data:`METADATA_KEYS`), read in the same
+    parse; :attr:`activities` are read when first asked for. ``valid_against`` is the XSD
+    (its bytes) that the record was found valid against in a tree parsed exactly as CDCS
+    parses it, so that CDCS's verdict with the same XSD is known; ``None`` when it was not
+    checked that way (no schema, a streamed record, or a comment or processing instruction
+    inside its root, which CDCS keeps and the reader does not).
     """
 
     path: Path
@@ -67,8 +79,18 @@ class Record:
     user: str | None
     dt_from: datetime | None
     dt_to: datetime | None
-    activities: tuple[AcquisitionActivity, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict, hash=False)
+    load_activities: Callable[[], tuple[AcquisitionActivity, ...]] = field(
+        default=tuple, repr=False, compare=False
+    )
+    valid_against: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def activities(self) -> tuple[AcquisitionActivity, ...]:
+        """Its ``<acquisitionActivity>`` elements, read from :attr:`content` the first time
+        they are asked for and then kept: the built-in destinations never read them, and
+        reading them costs more than the rest of the parse."""
+        return self.load_activities()
 
     def changed(self) -> bool:
         """Whether the file at :attr:`path` is no longer what was read (rewritten in place)."""
@@ -153,9 +175,10 @@ class RecordReader:
 
     The file is read once and parsed once: into a tree up to ``tree_max`` bytes, streamed
     above, each element dropped once it is done. Reading a large record costs the file's
-    bytes (which the destinations send) and its activities in their packed form (about a
-    third of their XML), however many elements it has. By default the schema is the
-    NexusLIMS one shipped in the package (the settings' ``schema_path``).
+    bytes (which the destinations send), however many elements it has; its activities, in
+    their packed form (about a third of their XML), are parsed from those bytes again only
+    when a destination asks for them. By default the schema is the NexusLIMS one shipped in
+    the package (the settings' ``schema_path``).
     """
 
     def __init__(
@@ -196,9 +219,22 @@ class RecordReader:
             user=found.summary.get("experimenter"),
             dt_from=_date(found, "reservationStart"),
             dt_to=_date(found, "reservationEnd"),
-            activities=tuple(found.activities.activities),
             metadata=found.metadata(),
+            load_activities=_Once(lambda: self._activities(content)),
+            valid_against=found.valid_against,
         )
+
+    def _activities(self, content: bytes) -> tuple[AcquisitionActivity, ...]:
+        """The activities of ``content``, a record :meth:`read` has accepted: parsed again,
+        the same way (a tree or a stream), collecting only them."""
+        found = _Found(ActivityCollector(annotated=annotated(content)))
+        if len(content) <= self.tree_max:
+            for child in etree.fromstring(content, self._tree_parser()):
+                if _local(child) == "acquisitionActivity":
+                    found.activities.whole(child)
+        else:
+            _collect(_stream(content, None), found)
+        return tuple(found.activities.activities)
 
     @property
     def _schema_name(self) -> str:
@@ -252,22 +288,33 @@ class RecordReader:
             return self._parse_tree(content)
         return self._parse_stream(content)
 
+    def _tree_parser(self, kind: Callable[[], etree.XMLParser] = _record_parser) -> etree.XMLParser:
+        """This thread's parser made by ``kind`` (lxml parsers are not to be shared between
+        threads)."""
+        parsers: dict[object, etree.XMLParser] = self._local.__dict__.setdefault("parsers", {})
+        parser = parsers.get(kind)
+        if parser is None:
+            parser = parsers[kind] = kind()
+        return parser
+
     def _parse_tree(self, content: bytes) -> _Found:
-        parser = self._local.__dict__.get("parser")
-        if parser is None:  # lxml parsers are not to be shared between threads
-            parser = self._local.parser = _record_parser()
+        """Parse as CDCS parses, so that the schema's verdict is CDCS's too (CDCS need not
+        be asked again); a record with a comment or processing instruction inside its root
+        is parsed again without them, as the stream reads it (see :func:`_record_parser`)."""
+        as_cdcs = True
         try:
-            root = etree.fromstring(content, parser)
+            root = etree.fromstring(content, self._tree_parser(_cdcs_parser))
+            if next(root.iter(etree.Comment, etree.ProcessingInstruction), None) is not None:
+                as_cdcs = False
+                root = etree.fromstring(content, self._tree_parser())
         except etree.XMLSyntaxError as exc:
             raise RecordError(_syntax_problem(content) or f"not well-formed XML: {exc}") from None
         _check_root(root)
-        found = _Found(ActivityCollector(annotated=annotated(content)), complete=True)
+        found = _Found(_LATER, complete=True)
         summary = None
         for child in root:
             local = _local(child)
-            if local == "acquisitionActivity":
-                found.activities.whole(child)
-            elif local == "summary":
+            if local == "summary":
                 if summary is None:
                     summary = child
                     found.summary_ref = child.get("ref")
@@ -284,18 +331,20 @@ class RecordReader:
             errors = [e for e in schema.error_log if e.domain_name.startswith("SCHEMA")]
             message = errors[0].message if errors else "invalid"
             raise RecordError(f"fails the schema ({self._schema_name}): {message}")
+        if schema is not None and as_cdcs:
+            found.valid_against = self._xsd
         return found
 
     def _parse_stream(self, content: bytes) -> _Found:
         """Two streaming passes, neither of which keeps a tree (each element is dropped once it
-        is done), so memory stays flat: the first collects what destinations need (the
-        activities in their packed form), the second validates. Not one pass validating
+        is done), so memory stays flat: the first collects what destinations need, the second
+        validates. Not one pass validating
         while it parses: lxml's validating parser takes a file cut short (a half-written
         record), junk after the root, or a broken namespace declaration for a valid record,
         so the pass without a schema judges the syntax, and the schema judges only what is
         well-formed.
         """
-        found = _Found(ActivityCollector(annotated=annotated(content)))
+        found = _Found(_LATER)
         stream = _stream(content, None)
         try:
             _collect(stream, found)
@@ -331,6 +380,39 @@ def _stream(
     )
 
 
+class _Later(ActivityCollector):
+    """Collects nothing: the activities are read when first asked for (:class:`_Once`)."""
+
+    def whole(self, element: etree._Element) -> None:
+        pass
+
+    def child(self, element: etree._Element) -> None:
+        pass
+
+    def end(self, element: etree._Element) -> None:
+        pass
+
+
+_LATER = _Later()
+
+
+class _Once:
+    """Calls ``load`` the first time it is called, from whichever thread, and then returns
+    what it returned: a record's activities are read once, and every destination gets the
+    same ones."""
+
+    def __init__(self, load: Callable[[], tuple[AcquisitionActivity, ...]]) -> None:
+        self._load: Callable[[], tuple[AcquisitionActivity, ...]] | None = load
+        self._lock = threading.Lock()
+        self._value: tuple[AcquisitionActivity, ...] = ()
+
+    def __call__(self) -> tuple[AcquisitionActivity, ...]:
+        with self._lock:
+            if self._load is not None:
+                self._value, self._load = self._load(), None
+            return self._value
+
+
 @dataclass
 class _Found:
     """What a record's parse collects: the root's first ``title`` and ``id``, the texts of
@@ -343,6 +425,7 @@ class _Found:
     summary: dict[str, str | None] = field(default_factory=dict)
     summary_ref: str | None = None
     complete: bool = False  # the root element was closed
+    valid_against: bytes | None = None  # the XSD it passed, parsed as CDCS parses (Record's)
 
     @property
     def title(self) -> str | None:

@@ -79,7 +79,7 @@ class DestinationRunner:
     def run(self, context: ExportContext, record: Record, standing: Standing) -> ExportResult:
         """Export, update or reconcile; log the attempt; never raises but :class:`Abandoned`."""
         unseen = not standing.attempted and self._logged_from_start()
-        context = replace(context, interrupted=standing.interrupted, unseen=unseen)
+        context = context.evolve(interrupted=standing.interrupted, unseen=unseen)
         earlier = standing.latest_success
         call, state = self._call_for(context, record, earlier)
         endpoint = self.destination.endpoint

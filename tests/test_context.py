@@ -190,6 +190,20 @@ def test_every_destination_sees_the_records_activities(
     assert second.get_result("cdcs") == report.results[0]
 
 
+def test_activities_no_destination_reads_are_never_parsed(
+    make_app: Callable[..., App],
+    place: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read: list[bytes] = []
+    monkeypatch.setattr(RecordReader, "_activities", lambda self, content: read.append(content))
+    cdcs, later = Seeing("cdcs", 100), Seeing("later", 50)  # neither reads them
+    report = make_app(cdcs, later).pipeline.process(place(RECORDS[0], "2018-11-13_T_2.xml"))
+
+    assert report.ok and len(later.contexts) == 1
+    assert read == []  # every context was made and copied without them
+
+
 # -- the porting promise: NexusLIMS's LabArchives destination, by its imports ---------------
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from lxml import etree
 
+from nxdrop.activities import ActivityCollector
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import ConfigError, RecordError
 from nxdrop.records import TREE_MAX, RecordReader, escape_name, name_problem
@@ -587,6 +588,25 @@ def test_the_record_head_is_its_metadata(reader: RecordReader, corpus: Path) -> 
         "reservation_url": "http://nemo.localhost/event_details/reservation/204/",
     }
     assert reader.read(corpus / "example_record_curation.xml").metadata["id"] == "9001"
+
+
+def test_the_activities_are_read_once_and_only_when_asked_for(
+    reader: RecordReader, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Most destinations never read them, and they cost more than the rest of the parse.
+    packed: list[etree._Element] = []
+    pack = ActivityCollector._pack
+
+    def counted(self: ActivityCollector, element: etree._Element) -> Any:
+        packed.append(element)
+        return pack(self, element)
+
+    monkeypatch.setattr(ActivityCollector, "_pack", counted)
+    record = reader.read(corpus / "example_record.xml")
+    assert packed == []
+    first = record.activities
+    assert len(first) == 8 and len(packed) == 8 * 7  # a setup and six datasets each
+    assert record.activities is first and len(packed) == 8 * 7  # kept: the same objects
 
 
 def test_the_activities_hold_nothing_of_the_parse(reader: RecordReader, corpus: Path) -> None:

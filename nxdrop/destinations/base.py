@@ -11,6 +11,7 @@ destination and never looks for them with ``getattr``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +46,29 @@ class ExportResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     status_code: int | None = None
     attempts: int = 1
+
+
+_UNREAD: Any = object()  # ExportContext.activities not made yet: from the record when read
+
+
+class _ActivitiesFromRecord:
+    """``ExportContext.activities``: a list of its own, made from the record's activities
+    the first time it is read. Reading them parses the record again, and most destinations
+    (all the built-in ones) never do; a context made with ``activities=`` keeps that list."""
+
+    def __get__(self, context: ExportContext | None, owner: object = None) -> Any:
+        if context is None:
+            return _UNREAD  # the field's default, for the dataclass
+        value = context.__dict__["_activities"]
+        if value is _UNREAD:
+            record = context.record
+            value = context.__dict__["_activities"] = (
+                list(record.activities) if record is not None else []
+            )
+        return value
+
+    def __set__(self, context: ExportContext, value: list[AcquisitionActivity]) -> None:
+        context.__dict__["_activities"] = value
 
 
 @dataclass
@@ -95,7 +119,7 @@ class ExportContext:
     user: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     previous_results: dict[str, ExportResult] = field(default_factory=dict)
-    activities: list[AcquisitionActivity] = field(default_factory=list)
+    activities: list[AcquisitionActivity] = _ActivitiesFromRecord()  # type: ignore[assignment]
     reservation_event: Any = None
     record: Record | None = None
     attempt: int = 1
@@ -126,9 +150,17 @@ class ExportContext:
             record.dt_to,
             record.user,
             metadata=dict(record.metadata),
-            activities=list(record.activities),
             record=record,
         )
+
+    def evolve(self, **changes: Any) -> ExportContext:
+        """A copy with ``changes``, as ``dataclasses.replace`` makes, except that activities
+        not read yet stay unread (``replace`` reads every field)."""
+        changed = copy.copy(self)
+        for name, value in changes.items():
+            setattr(changed, name, value)
+        changed.__post_init__()
+        return changed
 
     def get_result(self, destination_name: str) -> ExportResult | None:
         """The result of an earlier destination, or ``None`` if it did not run."""

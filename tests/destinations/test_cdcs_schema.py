@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
+from nxdrop.destinations import cdcs_schema
 from nxdrop.destinations.base import ExportContext
 from nxdrop.destinations.cdcs import CDCSDestination
 from nxdrop.destinations.cdcs_schema import TemplateSchemas, TemplateViolation
-from nxdrop.exceptions import PermanentError, TransientError
-from nxdrop.records import TREE_MAX
+from nxdrop.exceptions import PermanentError, RecordError, TransientError
+from nxdrop.records import TREE_MAX, RecordReader
 from nxdrop.settings import Settings
 from tests.conftest import RECORDS
 from tests.fixtures.cdcs_fake import FakeCDCS
@@ -206,3 +207,94 @@ def test_a_record_larger_than_a_tree_is_checked_as_a_stream(
     assert (
         str(big_error.value).rsplit(", line", 1)[0] == str(small_error.value).rsplit(", line", 1)[0]
     )
+
+
+# -- a record that passed the template's own XSD is not validated twice --------------------
+
+CODES = """<xs:schema xmlns:xs="http://www.w3.org/2001/XMLSchema">
+  <xs:element name="Experiment">
+    <xs:complexType><xs:sequence>
+      <xs:element name="code" maxOccurs="unbounded">
+        <xs:simpleType>
+          <xs:restriction base="xs:string"><xs:pattern value="[A-Z]{3}"/></xs:restriction>
+        </xs:simpleType>
+      </xs:element>
+    </xs:sequence></xs:complexType>
+  </xs:element>
+</xs:schema>"""
+
+
+def served(xsd: str) -> TemplateSchemas:
+    """The check of a template with ``xsd``, as CDCS serves it, without a server."""
+    return TemplateSchemas(lambda _id: {"content": xsd, "format": "XSD", "dependencies": []})
+
+
+def verdict(check: Callable[[], object]) -> str:
+    try:
+        check()
+    except (RecordError, TemplateViolation) as exc:
+        return f"refused: {exc}"
+    return "valid"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<code>ABC</code>",
+        "<code> ABC</code>",  # a string keeps its spaces: refused either way
+        "\n  <code>ABC</code>\n  <code>XYZ</code>\n",  # blanks between elements: ignored
+        "<code>  <![CDATA[ABC]]></code>",  # blanks CDCS's parser drops: valid to CDCS
+        "<code><![CDATA[ABC]]>\n</code>",
+        "<code>  </code>",  # blanks alone are kept
+        "<code>AB<!-- c -->C</code>",  # comments and PIs: CDCS keeps them, the reader not
+        "<code>  <!-- c --></code>",
+        "<code>AB<?pi x?>C</code>",
+    ],
+)
+def test_a_record_that_passed_the_same_xsd_gets_cdcss_verdict(tmp_path: Path, body: str) -> None:
+    xsd = tmp_path / "codes.xsd"
+    xsd.write_text(CODES, encoding="utf-8")
+    content = f'<?xml version="1.0"?>\n<!-- mine -->\n<Experiment>{body}</Experiment>'.encode()
+    path = tmp_path / "2024-03-03_test_1.xml"
+    path.write_bytes(content)
+
+    def nxdrop() -> None:  # the reader with the template's XSD, then the check it allows
+        record = RecordReader(10**6, xsd).read(path)
+        served(CODES).check("1", content, record.valid_against)
+
+    assert verdict(nxdrop).startswith("valid") is verdict(
+        lambda: served(CODES).check("1", content)
+    ).startswith("valid")
+
+
+def test_the_check_is_skipped_only_for_the_very_xsd_the_record_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    xsd = tmp_path / "codes.xsd"
+    xsd.write_text(CODES, encoding="utf-8")
+    path = tmp_path / "2024-03-03_test_1.xml"
+    path.write_bytes(b"<Experiment><code>ABC</code></Experiment>")
+    record = RecordReader(10**6, xsd).read(path)
+    assert record.valid_against == CODES.encode()
+    stricter = CODES.replace("[A-Z]{3}", "[A-Z]{2}")
+
+    with pytest.raises(TemplateViolation, match="pattern"):  # another XSD: checked
+        served(stricter).check("1", record.content, record.valid_against)
+    with pytest.raises(TemplateViolation, match="pattern"):  # nothing known: checked
+        served(stricter).check("1", record.content)
+    validated: list[bytes] = []
+    monkeypatch.setattr(cdcs_schema, "_validate", lambda s, content, p: validated.append(content))
+    assert served(CODES).check("1", record.content, record.valid_against) is None
+    assert validated == []  # the same XSD: its verdict is known
+    assert served(CODES).check("1", record.content) is None
+    assert validated == [record.content]
+
+
+def test_a_record_not_read_as_cdcs_reads_it_is_checked(tmp_path: Path) -> None:
+    xsd = tmp_path / "codes.xsd"
+    xsd.write_text(CODES, encoding="utf-8")
+    path = tmp_path / "2024-03-03_test_1.xml"
+    path.write_bytes(b"<Experiment><code>AB<!-- c -->C</code></Experiment>")
+    assert RecordReader(10**6, xsd).read(path).valid_against is None  # a comment inside
+    assert RecordReader(10**6, xsd, tree_max=0).read(path).valid_against is None  # streamed
+    assert RecordReader(10**6, None).read(path).valid_against is None  # no schema
