@@ -8,6 +8,7 @@ certificate failed.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -548,15 +549,48 @@ class _Created(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_an_empty_answer_leaves_the_connection_open_for_the_next_request() -> None:
-    handler = type("Created", (_Created,), {"connections": []})
+@contextlib.contextmanager
+def client_of(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[HttpClient]:
+    """A client of a local server that answers with ``handler``, for the ``with`` block."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        client = HttpClient(f"http://127.0.0.1:{server.server_address[1]}/", headers={}, timeout=10)
-        for _ in range(5):
-            assert client.request("POST", "experiments", json={}).status_code == 201
-        assert len(handler.connections) == 1  # not a new connection (a TLS handshake) each
+        yield HttpClient(f"http://127.0.0.1:{server.server_address[1]}/", headers={}, timeout=10)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_empty_answer_leaves_the_connection_open_for_the_next_request() -> None:
+    handler = type("Created", (_Created,), {"connections": []})
+    with client_of(handler) as client:
+        for _ in range(5):
+            assert client.request("POST", "experiments", json={}).status_code == 201
+    assert len(handler.connections) == 1  # not a new connection (a TLS handshake) each
+
+
+class _Cookies(http.server.BaseHTTPRequestHandler):
+    """Sets a cookie on the first answer and notes the Cookie header of every request."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[str | None] = []  # noqa: RUF012 - one class per test (made in the test)
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Cookie"))
+        self.send_response(200)
+        if len(self.seen) == 1:
+            self.send_header("Set-Cookie", "lb=node-2; Path=/")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_cookies_a_server_sets_go_with_the_next_requests_as_in_a_session() -> None:
+    handler = type("Cookies", (_Cookies,), {"seen": []})
+    with client_of(handler) as client:
+        for _ in range(3):
+            assert client.json("GET", "items/") == {}
+    assert handler.seen == [None, "lb=node-2", "lb=node-2"]

@@ -29,16 +29,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.destinations.cdcs_schema import TemplateSchemas, TemplateViolation
 from nxdrop.exceptions import DestinationError, PermanentError, TransientError
-from nxdrop.http import (
-    HttpClient,
-    RawJsonString,
-    StreamedBody,
-    check_base_url,
-    join_url,
-    json_body,
-)
+from nxdrop.http import LazyClient, check_base_url, join_url
+from nxdrop.http.bodies import RawJsonString, StreamedBody, json_body
 
 if TYPE_CHECKING:
+    from nxdrop.http.client import HttpClient
     from nxdrop.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,7 +96,7 @@ class CDCSDestination(ExportDestination):
         self.template_setting: str | None = None
         self.assign = True
         self.user_owned = False
-        self._client: HttpClient | None = None
+        self._client: LazyClient | None = None
         self._lock = threading.Lock()
         self._template: str | None = None
         self._workspace: str | None = None
@@ -117,7 +112,7 @@ class CDCSDestination(ExportDestination):
         self.assign = settings.cdcs_assign_to_public_workspace
         self.user_owned = settings.cdcs_user_owned_records
         if url and token is not None and token.get_secret_value():
-            self._client = HttpClient.for_settings(
+            self._client = LazyClient(
                 url, settings, {"Authorization": f"Token {token.get_secret_value()}"}
             )
 
@@ -197,7 +192,7 @@ class CDCSDestination(ExportDestination):
     def _http(self) -> HttpClient:
         if self._client is None:
             raise PermanentError("CDCS is not configured: set NX_CDCS_URL and NX_CDCS_TOKEN")
-        return self._client
+        return self._client.client
 
     def _get(self, path: str, **params: str) -> Any:
         try:
@@ -431,7 +426,9 @@ class CDCSDestination(ExportDestination):
         """Check the record against the template before it is sent; refused records never
         are. Returns why it could not be checked here, or ``None`` when it passed."""
         try:
-            problem = self._schemas.check(template, context.content)
+            record = context.record
+            passed = record.valid_against if record is not None else None
+            problem = self._schemas.check(template, context.content, passed)
         except TemplateViolation as exc:
             raise PermanentError(
                 f"CDCS template {template} refuses {what}, so it was not sent: {exc}"

@@ -50,7 +50,7 @@ from nxdrop.destinations.elabftw_api import (
     ELabFTWApi,
 )
 from nxdrop.exceptions import DestinationError, PermanentError
-from nxdrop.http import HttpClient, check_base_url, join_url
+from nxdrop.http import LazyClient, check_base_url, join_url
 
 if TYPE_CHECKING:
     from nxdrop.settings import Settings
@@ -75,7 +75,7 @@ class ELabFTWDestination(ExportDestination):
         self.category_setting: str | None = None
         self.status_setting: str | None = None
         self.team_setting = "current"
-        self._client: HttpClient | None = None
+        self._client: LazyClient | None = None
         self._api: ELabFTWApi | None = None
         self._lock = threading.Lock()
         self._ids: tuple[int | None, int | None] | None = None
@@ -90,7 +90,7 @@ class ELabFTWDestination(ExportDestination):
         self.status_setting = (settings.elabftw_experiment_status or "").strip() or None
         self.team_setting = settings.elabftw_team.strip() or "current"
         if url and key is not None and key.get_secret_value():
-            self._client = HttpClient.for_settings(
+            self._client = LazyClient(
                 join_url(url, "api/v2"),
                 settings,
                 {"Authorization": key.get_secret_value(), "Accept": "application/json"},

@@ -15,11 +15,15 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from nxdrop.exceptions import PermanentError
-from nxdrop.http import HttpClient, multipart_body
+from nxdrop.http.bodies import multipart_body
+from nxdrop.http.lazy import LazyClient
+
+if TYPE_CHECKING:
+    from nxdrop.http.client import HttpClient
 
 ARCHIVED = 2  # experiments.state: 1 normal, 2 archived, 3 deleted (src/enums/State.php)
 
@@ -74,10 +78,15 @@ WHY_MINIMUM = (
 class ELabFTWApi:
     """The API calls of the eLabFTW destination, and the server's version (read once)."""
 
-    def __init__(self, http: HttpClient) -> None:
-        self.http = http
+    def __init__(self, client: LazyClient) -> None:
+        self._client = client
         self._lock = threading.Lock()
         self._version: Version | None = None
+
+    @property
+    def http(self) -> HttpClient:
+        """The client, made at the first request."""
+        return self._client.client
 
     # -- the server --------------------------------------------------------------------
 

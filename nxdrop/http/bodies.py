@@ -16,8 +16,6 @@ import secrets
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-import urllib3
-
 CHUNK = 256 * 1024  # read and send in pieces of this size
 
 
@@ -241,7 +239,9 @@ def multipart_body(
     """
     marker = b"\x00nxdrop-file-content\x00"
     parts: dict[str, Any] = {name: (filename, marker, content_type), **fields}
-    encoded, form_type = urllib3.encode_multipart_formdata(parts, boundary=boundary)
+    from urllib3 import encode_multipart_formdata  # only where a file is uploaded
+
+    encoded, form_type = encode_multipart_formdata(parts, boundary=boundary)
     head, found, tail = encoded.partition(marker)
     assert found and marker not in tail, "the placeholder must occur exactly once"
     return StreamedBody(head, content, tail, content_type=form_type)

@@ -18,7 +18,7 @@ import http.client
 import logging
 import os
 import ssl
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -43,6 +43,7 @@ from nxdrop.http.errors import (
     summarize_error,
     was_sent,
 )
+from nxdrop.http.urls import join_url
 from nxdrop.redact import Redactor
 
 if TYPE_CHECKING:
@@ -68,24 +69,6 @@ def body_limit(max_record_bytes: int) -> int:
     a line end two), plus a little of everything else.
     """
     return max(MIN_BODY_LIMIT, 3 * max_record_bytes + _MiB)
-
-
-def check_base_url(url: str, variable: str) -> None:
-    """Raise a :class:`ConfigError` naming ``variable`` unless ``url`` is a usable base URL."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{variable} must be an http:// or https:// URL with a host name")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"{variable} must be a base URL, without ?query or #fragment")
-
-
-def join_url(base: str, path: str) -> str:
-    """``base`` with exactly one slash before ``path``; a sub-path in ``base`` is kept."""
-    return base.rstrip("/") + "/" + path.lstrip("/")
 
 
 @dataclass(frozen=True)
@@ -124,6 +107,9 @@ class HttpClient:
         self.session = make_session(base_url, connections=connections)
         self.session.headers.update({"User-Agent": f"nxdrop/{__version__}", **headers})
         self.session.verify = verify
+        # One adapter serves http and https (make_session): requests are sent through it
+        # directly, prepared here (see _prepare).
+        self._adapter = self.session.get_adapter(base_url)
         if verify is False:
             _warn_insecure()
 
@@ -148,25 +134,27 @@ class HttpClient:
         """Send one request within the deadline; return a 2xx answer or raise a
         ``DestinationError`` whose message holds no secret.
 
-        ``kwargs`` go to ``requests``; ``data`` may be a :class:`StreamedBody`.
+        ``kwargs`` are ``params``, ``json``, ``data`` and ``headers``, as ``requests`` takes
+        them; ``data`` may be a :class:`StreamedBody`.
         """
         url = path if path.startswith(("http://", "https://")) else self.url(path)
-        body = kwargs.get("data")
-        if isinstance(body, StreamedBody) and body.content_type is not None:
-            kwargs["headers"] = {"Content-Type": body.content_type, **(kwargs.get("headers") or {})}
-        for fixed in ("timeout", "stream", "verify"):
-            kwargs.pop(fixed, None)
-        kwargs["allow_redirects"] = False
         with deadline_of(self.timeout) as deadline:
             return self._within(method, url, deadline, kwargs)
 
     def _within(self, method: str, url: str, deadline: Deadline, kwargs: dict[str, Any]) -> Reply:
         try:
+            prepared = self._prepare(method, url, **kwargs)
             left = deadline.left()
-            response = self.session.request(
-                method, url, timeout=(left, left), stream=True, **kwargs
+            response = self._adapter.send(
+                prepared,
+                stream=True,
+                timeout=(left, left),
+                verify=self.verify,
+                cert=None,
+                proxies=self.session.proxies,
             )
             try:
+                response = self._as_a_session_does(prepared, response)
                 return self._reply(method, url, response, deadline)
             finally:
                 response.close()
@@ -205,6 +193,51 @@ class HttpClient:
         self.session.close()
 
     # -- internals ---------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        data: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> requests.PreparedRequest:
+        """The request as ``requests.Session.request`` would prepare it for this session,
+        without what nxdrop never uses (auth objects, redirects, the environment, which the
+        session does not trust), each of which costs on every request: the session's
+        headers (``None`` drops one), the body's ``Content-Type`` and ``Content-Length``,
+        the session's cookies and response hooks."""
+        prepared = requests.PreparedRequest()
+        prepared.method = method.upper()
+        prepared.prepare_url(url, params)
+        merged: MutableMapping[str, Any] = requests.structures.CaseInsensitiveDict(
+            self.session.headers
+        )
+        if isinstance(data, StreamedBody) and data.content_type is not None:
+            merged["Content-Type"] = data.content_type
+        merged.update(headers or {})
+        prepared.headers = requests.structures.CaseInsensitiveDict(
+            {k: v for k, v in merged.items() if v is not None}
+        )
+        prepared.prepare_body(data, None, json)
+        if self.session.cookies:
+            prepared.prepare_cookies(self.session.cookies)
+        prepared.hooks = self.session.hooks  # its response hooks are called, as by a session
+        return prepared
+
+    def _as_a_session_does(
+        self, prepared: requests.PreparedRequest, response: requests.Response
+    ) -> requests.Response:
+        """What a ``requests.Session`` does with an answer: its response hooks are called,
+        the cookies it sets kept for the next request."""
+        dispatch = requests.hooks.dispatch_hook
+        response = dispatch("response", prepared.hooks, response)  # type: ignore[no-untyped-call]
+        if "Set-Cookie" in response.headers:
+            extract = requests.cookies.extract_cookies_to_jar
+            extract(self.session.cookies, prepared, response.raw)  # type: ignore[no-untyped-call]
+        return response
 
     def _reply(
         self, method: str, url: str, response: requests.Response, deadline: Deadline
@@ -376,9 +409,6 @@ def _check_bundle(path: str) -> None:
 
 
 def _warn_insecure() -> None:
-    # One loud line per client instead of urllib3's warning on every request.
+    # One loud line per destination (LazyClient, at start) instead of urllib3's warning on
+    # every request.
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-    log.warning(
-        "NX_DISABLE_SSL_VERIFY is set: TLS certificates are NOT checked; anyone on the "
-        "network path can read and change what nxdrop sends, tokens included"
-    )

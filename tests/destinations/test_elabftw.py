@@ -1223,7 +1223,7 @@ def answer_with(dest: ELabFTWDestination, path: str, shown: Any) -> None:
             )
 
     assert dest._client is not None
-    dest._client.session.hooks["response"].append(answer)
+    dest._client.client.session.hooks["response"].append(answer)
 
 
 @pytest.fixture(params=["5.6.0", "5.3.0"])
@@ -1246,7 +1246,7 @@ def prism_destination(
     )
     seen: list[requests.Response] = []
     assert dest._client is not None
-    dest._client.session.hooks["response"].append(lambda r, *a, **k: seen.append(r))
+    dest._client.client.session.hooks["response"].append(lambda r, *a, **k: seen.append(r))
     # The spec's own example of info says 4.8.0 (and Prism cannot pick one of its oneOf).
     answer_with(dest, "info", {"elabftw_version": request.param})
     return dest, seen
@@ -1350,5 +1350,5 @@ def test_prism_accepts_what_update_and_reconcile_send_but_the_metadata_type(
     # The same PATCH with the metadata as an object is what the spec wants: accepted.
     sent[key] = json.loads(sent[key])
     assert dest._client is not None
-    again = dest._client.session.patch(str(patch.request.url), json=sent, timeout=10)
+    again = dest._client.client.session.patch(str(patch.request.url), json=sent, timeout=10)
     assert (again.status_code, violations(again)) == (200, [])
