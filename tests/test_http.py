@@ -37,6 +37,7 @@ from nxdrop.http import (
     loads_keeping_raw,
     multipart_body,
 )
+from nxdrop.http.bodies import DecodedJsonString
 from nxdrop.settings import Settings
 from tests.fixtures.cdcs_fake import FakeCDCS
 from tests.fixtures.elabftw_fake import FakeELabFTW
@@ -228,10 +229,17 @@ def test_a_streamed_json_body_is_what_json_dumps_makes() -> None:
 
 
 @pytest.mark.parametrize("ensure_ascii", [True, False])
-def test_a_record_in_an_answer_is_compared_without_decoding_it(ensure_ascii: bool) -> None:
+@pytest.mark.parametrize(
+    ("length", "kind"),
+    [(700_000, RawJsonString), (70_000, DecodedJsonString)],  # above and below DECODE_WHOLE_BELOW
+    ids=["large-undecoded", "small-decoded"],
+)
+def test_a_record_in_an_answer_is_compared_exactly_and_decoded_whole_only_when_small(
+    ensure_ascii: bool, length: int, kind: type[RawJsonString]
+) -> None:
     rng = random.Random(8)
     alphabet = 'ab <>="\\/\r\n\t\x01µθ€😀'
-    xml = "".join(rng.choice(alphabet) for _ in range(700_000))  # several pieces
+    xml = "".join(rng.choice(alphabet) for _ in range(length))  # several pieces
     answer = {
         "count": 2,
         "results": [
@@ -244,7 +252,7 @@ def test_a_record_in_an_answer_is_compared_without_decoding_it(ensure_ascii: boo
     parsed = loads_keeping_raw(bytearray(content), ["xml_content"])
 
     first, second = parsed["results"]
-    assert isinstance(first["xml_content"], RawJsonString)
+    assert type(first["xml_content"]) is kind
     assert first["xml_content"].text() == xml
     assert first["xml_content"].equals_utf8(xml.encode())
     assert not first["xml_content"].equals_utf8(xml.encode()[:-1])
