@@ -54,9 +54,9 @@ def convert(kind: Any, given: Any) -> Any:
     if kind in _PARSERS:
         return _PARSERS[kind](given)
     if get_origin(kind) is Literal:
-        return one_of(given, get_args(kind))
+        return _one_of(given, get_args(kind))
     if isinstance(kind, type) and issubclass(kind, StrEnum):
-        return kind(one_of(given, [member.value for member in kind]))
+        return kind(_one_of(given, [member.value for member in kind]))
     return kind(given)  # str, Path, Secret
 
 
@@ -90,14 +90,17 @@ def _boolean(text: str) -> bool:
 _PARSERS: dict[Any, Callable[[str], Any]] = {int: _integer, float: _number, bool: _boolean}
 
 
-def one_of(text: str, choices: Sequence[str]) -> str:
+def _one_of(text: str, choices: Sequence[str]) -> str:
     if text in choices:
         return text
     quoted = [repr(choice) for choice in choices]
-    raise ValueError(f"Input should be {', '.join(quoted[:-1])} or {quoted[-1]}")
+    listed = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+    raise ValueError(f"Input should be {listed}")
 
 
 def check_bounds(value: float, bounds: Mapping[str, float]) -> None:
+    """Raise ``ValueError`` unless ``value`` is within ``bounds`` (pydantic's ``gt``, ``ge``,
+    ``le``)."""
     # Written as "not (a op b)" so that NaN fails every bound, as it does in pydantic.
     if "gt" in bounds and not value > bounds["gt"]:
         raise ValueError(f"Input should be greater than {bounds['gt']}")
