@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 BATCH = 1000  # inbox items handled per loop before the periodic duties run again
 MAX_WAIT = 1.0  # the loop wakes at least this often
 TEXTFILE_EVERY = 15.0  # seconds between writes of the metrics for node_exporter
+CHECKPOINT_EVERY = 1.0  # seconds between SQLite checkpoints, taken here and not by a worker
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Daemon:
         self._last_progress = time.monotonic()  # a job started or finished, or nothing waited
         self._unhealthy = ""  # why the watchdog is not fed, once said
         self._next_textfile = 0.0
+        self._next_checkpoint = 0.0
 
     def _wake(self) -> None:
         self.inbox.put(None)
@@ -204,6 +206,7 @@ class Daemon:
         self._feed()
         self.service.tick(self.healthy(), self.status_line)
         self._measure()
+        self._checkpoint()
 
     def _measure(self, *, final: bool = False) -> None:
         """Bring the gauges up to date; write the textfile now and then."""
@@ -218,6 +221,14 @@ class Daemon:
         if path is not None and (final or now >= self._next_textfile):
             self._next_textfile = now + TEXTFILE_EVERY
             metrics.write(path)
+
+    def _checkpoint(self) -> None:
+        """The database's checkpoint, from this thread: a worker's commit never waits for
+        one (latency), and the log stays small however long the backlog."""
+        now = time.monotonic()
+        if now >= self._next_checkpoint and not self.outage.down:
+            self._next_checkpoint = now + CHECKPOINT_EVERY
+            self.app.store.checkpoint()
 
     def _busy(self) -> bool:
         return bool(

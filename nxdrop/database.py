@@ -14,6 +14,7 @@ anyway); PostgreSQL is a connection per thread, as Peewee keeps them.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from urllib.parse import parse_qsl, urlsplit
 import peewee
 from playhouse.db_url import connect
 
-from nxdrop.exceptions import ConfigError, DatabaseUnavailable
+from nxdrop.exceptions import ConfigError, DatabaseUnavailable, NxdropError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ SQLITE_PRAGMAS = {
     "synchronous": "normal",
     "foreign_keys": 1,
 }
+# The daemon's main loop checkpoints SQLite's write-ahead log (Database.checkpoint): the
+# writers' automatic checkpoints, which make one worker's commit copy the log into the
+# database and sync both files now and then, are off from then on.
+_NO_AUTOCHECKPOINT = "PRAGMA wal_autocheckpoint = 0"
 POSTGRES_DEFAULTS = {
     "application_name": "nxdrop",
     "connect_timeout": "5",
@@ -79,6 +84,7 @@ class Database:
         self._opened = False
         self._faulted = False  # since the last successful open: say when it is over
         self._file: tuple[int, int] | None = None
+        self._checkpoints_taken = False  # the main loop checkpoints, not the writers
 
     @property
     def is_postgres(self) -> bool:
@@ -130,6 +136,27 @@ class Database:
         with self._guard(), self.db.atomic():
             yield
 
+    def checkpoint(self) -> None:
+        """Copy SQLite's write-ahead log into the database file now, on a connection of its
+        own that waits for nobody (``PASSIVE``); nothing for PostgreSQL. The first call
+        takes checkpoints over from the writers, whose commits then never pay for one: call
+        it regularly from one thread (the daemon's main loop does, every second). Never
+        raises: a checkpoint that cannot run now runs at the next call."""
+        if self.sqlite_path is None:
+            return
+        try:
+            if not self._checkpoints_taken:
+                self.run(lambda: self.db.execute_sql(_NO_AUTOCHECKPOINT))
+                self._checkpoints_taken = True
+            # mode=rw: a database file that was deleted is not made again here.
+            side = sqlite3.connect(f"file:{self.sqlite_path}?mode=rw", uri=True, timeout=0)
+            try:
+                side.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                side.close()
+        except (sqlite3.Error, NxdropError) as exc:
+            log.debug("no checkpoint now: %s", exc)
+
     def close(self) -> None:
         """Close this thread's connection (the shared one, for SQLite)."""
         with self._lock if self._shared else nullcontext():
@@ -167,6 +194,8 @@ class Database:
                     f"NX_DB_URL: cannot make the folder {self.sqlite_path.parent}: {exc.strerror}"
                 ) from exc
         self.db.connect(reuse_if_open=True)
+        if self._checkpoints_taken:  # a connection made again keeps leaving them to us
+            self.db.execute_sql(_NO_AUTOCHECKPOINT)
         with self.db.atomic():
             self.prepare(self.db)
         if self.sqlite_path is not None:

@@ -225,6 +225,11 @@ class Store:
         self.database.open()
         self.heal()
 
+    def checkpoint(self) -> None:
+        """SQLite's write-ahead log into the database file, off the workers' commits (see
+        :meth:`Database.checkpoint`); never raises."""
+        self.database.checkpoint()
+
     def close(self) -> None:
         """Close this thread's connection."""
         self.database.close()

@@ -177,6 +177,33 @@ def test_a_deleted_sqlite_file_is_noticed_and_reopened(
     assert "was deleted while nxdrop ran" in svc.log()
 
 
+def test_the_daemon_checkpoints_sqlite_so_the_file_alone_holds_the_log(
+    service: Callable[..., Service], corpus: Path, tmp_path: Path
+) -> None:
+    # The main loop copies SQLite's write-ahead log into the database file every second,
+    # and the workers' commits never do (a worker that did would wait for the copy and two
+    # syncs). Seen from outside: soon after the work, the file alone, without its -wal,
+    # holds every session; before, the log's last pages stayed out of it until nxdrop
+    # stopped.
+    svc = service(slow=False, NX_ARCHIVE_PATH=str(tmp_path / "archive"), **FAST)
+    svc.ready()
+    database = tmp_path / "state" / "nxdrop.db"
+    names = drop_records(svc, corpus, "wal", range(60))
+    wait_until(lambda: exported(svc, names), "sixty exported", timeout=60)
+
+    def the_file_alone() -> dict[str, str]:
+        copy = tmp_path / f"copy-{time.monotonic_ns()}.db"
+        copy.write_bytes(database.read_bytes())  # no -wal beside it: the file's own pages
+        try:
+            return sqlite_sessions(copy)
+        except sqlite3.DatabaseError:
+            return {}  # copied halfway through a checkpoint: look again
+
+    expected = {n.removesuffix(".xml"): "COMPLETED" for n in names}
+    wait_until(lambda: the_file_alone() == expected, "every session in the file itself", 30)
+    assert tracebacks(svc) == 0, svc.log()[-3000:]
+
+
 def test_a_sqlite_file_locked_for_30_seconds_delays_but_loses_nothing(
     service: Callable[..., Service], corpus: Path, tmp_path: Path
 ) -> None:

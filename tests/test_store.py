@@ -236,3 +236,52 @@ def test_a_database_of_the_first_version_gains_the_new_columns(tmp_path: Path) -
     with sqlite3.connect(path) as conn:
         columns = {r[1] for r in conn.execute("PRAGMA table_info(upload_log)")}
     assert "endpoint" in columns
+
+
+def _log_frames(path: Path) -> int:
+    """Frames in SQLite's write-ahead log since it last started over, as another process
+    sees them (its PASSIVE checkpoint then copies them: the log starts over after)."""
+    conn = sqlite3.connect(path)
+    try:
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    finally:
+        conn.close()
+    assert (busy, copied) == (0, frames)
+    return int(frames)
+
+
+def _lock_sessions(store: Store, numbers: range) -> None:
+    for n in numbers:  # about three pages of the log each
+        store.lock_session(f"s{n}", "lab-0", f"s{n}.xml")
+
+
+def test_checkpoints_are_taken_by_the_caller_and_never_by_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "nxdrop.db"
+    store = Store(f"sqlite:///{path}")
+    store.open()
+    store.checkpoint()  # from now on, commits do not checkpoint
+    _log_frames(path)
+    _lock_sessions(store, range(500))
+    # Past SQLite's automatic 1,000 pages: no writer copied the log and started it over.
+    assert _log_frames(path) > 1000
+
+    store.database.close()  # a connection made again leaves checkpoints to the caller too
+    _lock_sessions(store, range(500, 1000))
+    assert _log_frames(path) > 1000
+
+    _lock_sessions(store, range(1000, 1500))
+    size = path.stat().st_size
+    store.checkpoint()  # the caller's own: the new pages reach the database file
+    assert path.stat().st_size > size
+
+
+def test_a_checkpoint_of_postgresql_or_of_a_missing_file_does_nothing(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    Store(postgres_url).checkpoint()
+    store = Store(f"sqlite:///{tmp_path / 'gone.db'}")
+    store.open()
+    store.checkpoint()
+    (tmp_path / "gone.db").unlink()
+    store.checkpoint()  # no error, and no empty file made in its place by the checkpoint
+    assert not (tmp_path / "gone.db").exists()
