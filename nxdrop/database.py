@@ -85,6 +85,7 @@ class Database:
         self._faulted = False  # since the last successful open: say when it is over
         self._file: tuple[int, int] | None = None
         self._checkpoints_taken = False  # the main loop checkpoints, not the writers
+        self._checkpoint_failed = False  # said once, until one works again
 
     @property
     def is_postgres(self) -> bool:
@@ -154,8 +155,20 @@ class Database:
                 side.execute("PRAGMA wal_checkpoint(PASSIVE)")
             finally:
                 side.close()
-        except (sqlite3.Error, NxdropError) as exc:
+        except NxdropError as exc:  # the database is down: the outage says so
             log.debug("no checkpoint now: %s", exc)
+        except sqlite3.Error as exc:
+            if self._checkpoint_failed or "locked" in str(exc):  # busy: it runs next time
+                log.debug("no checkpoint now: %s", exc)
+                return
+            self._checkpoint_failed = True
+            log.warning(
+                "cannot copy the write-ahead log into %s (%s): the log grows until it can",
+                self.sqlite_path,
+                exc,
+            )
+        else:
+            self._checkpoint_failed = False
 
     def close(self) -> None:
         """Close this thread's connection (the shared one, for SQLite)."""

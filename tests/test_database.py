@@ -263,10 +263,28 @@ def test_a_full_disk_pauses_the_work_until_there_is_room(
                 fh.flush()
         except OSError:
             pass
-    blocked = drop_records(svc, corpus, "full", range(5))
-    svc.notify.wait_for(lambda line: "database DOWN" in line, "STATUS=database DOWN")
-    assert not any((svc.uploaded / n).exists() for n in blocked)  # nothing moves unlogged
-    wait_until(lambda: all((svc.drop / n).exists() for n in blocked), "all back, waiting")
+
+    # SQLite first writes into the room its files already have (its write-ahead log is
+    # reused once copied into the database): records go on being exported, and logged,
+    # until the log must grow. From then on, nothing moves.
+    def down() -> bool:
+        return any("database DOWN" in line for line in svc.notify.lines)
+
+    dropped: list[str] = []
+
+    def settled() -> bool:
+        return down() or exported(svc, dropped)
+
+    for batch in range(40):
+        dropped += drop_records(svc, corpus, f"full{batch:02d}", range(5))
+        wait_until(settled, "exported, or the database down")
+        if down():
+            break
+    assert down(), "five records at a time, 200 in all, and the full disk never showed"
+    wait_until(lambda: all(svc.places(n) for n in dropped), "each in uploaded/ or back, waiting")
+    blocked = [n for n in dropped if svc.places(n) == ["drop"]]
+    assert blocked  # those the full disk stopped wait in the drop folder
+    assert "cannot copy the write-ahead log" in svc.log()  # said before the writes failed
 
     filler.unlink()  # room again
     wait_until(lambda: exported(svc, blocked), "the five exported after all", timeout=90)
