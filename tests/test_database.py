@@ -284,7 +284,7 @@ def test_a_full_disk_pauses_the_work_until_there_is_room(
     wait_until(lambda: all(svc.places(n) for n in dropped), "each in uploaded/ or back, waiting")
     blocked = [n for n in dropped if svc.places(n) == ["drop"]]
     assert blocked  # those the full disk stopped wait in the drop folder
-    assert "cannot copy the write-ahead log" in svc.log()  # said before the writes failed
+    assert "cannot copy the write-ahead log" in svc.log()  # and why, once
 
     filler.unlink()  # room again
     wait_until(lambda: exported(svc, blocked), "the five exported after all", timeout=90)
