@@ -82,9 +82,10 @@ def _number(text: str) -> float:
 
 
 def _boolean(text: str) -> bool:
-    if text.lower() in _TRUE | _FALSE:
-        return text.lower() in _TRUE
-    raise ValueError("Input should be a valid boolean, unable to interpret input")
+    word = text.lower()
+    if word not in _TRUE and word not in _FALSE:
+        raise ValueError("Input should be a valid boolean, unable to interpret input")
+    return word in _TRUE
 
 
 _PARSERS: dict[Any, Callable[[str], Any]] = {int: _integer, float: _number, bool: _boolean}

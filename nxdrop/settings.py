@@ -13,7 +13,6 @@ than the whole start-up of ``nxdrop run --once`` may (docs/benchmarks.md).
 from __future__ import annotations
 
 import os
-import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -208,6 +207,8 @@ def _check_ca_bundle(path: Path) -> None:
     not a failure of every request later."""
     if not path.is_file():
         raise ValueError(f"NX_CERT_BUNDLE={path}: no such file")
+    import ssl  # only where a bundle is set: not every start pays for it
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_verify_locations(cafile=str(path))

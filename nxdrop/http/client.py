@@ -18,7 +18,7 @@ import http.client
 import logging
 import os
 import ssl
-from collections.abc import Collection, Mapping, MutableMapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -111,7 +111,7 @@ class HttpClient:
         # directly, prepared here (see _prepare).
         self._adapter = self.session.get_adapter(base_url)
         if verify is False:
-            _warn_insecure()
+            _quiet_insecure_warnings()
 
     @classmethod
     def for_settings(cls, base_url: str, settings: Settings, headers: dict[str, str]) -> HttpClient:
@@ -212,15 +212,15 @@ class HttpClient:
         prepared = requests.PreparedRequest()
         prepared.method = method.upper()
         prepared.prepare_url(url, params)
-        merged: MutableMapping[str, Any] = requests.structures.CaseInsensitiveDict(
-            self.session.headers
+        merged: requests.structures.CaseInsensitiveDict[Any] = (
+            requests.structures.CaseInsensitiveDict(self.session.headers)
         )
         if isinstance(data, StreamedBody) and data.content_type is not None:
             merged["Content-Type"] = data.content_type
         merged.update(headers or {})
-        prepared.headers = requests.structures.CaseInsensitiveDict(
-            {k: v for k, v in merged.items() if v is not None}
-        )
+        for dropped in [name for name, value in merged.items() if value is None]:
+            del merged[dropped]
+        prepared.headers = merged
         prepared.prepare_body(data, None, json)
         if self.session.cookies:
             prepared.prepare_cookies(self.session.cookies)
@@ -408,7 +408,7 @@ def _check_bundle(path: str) -> None:
         ) from exc
 
 
-def _warn_insecure() -> None:
+def _quiet_insecure_warnings() -> None:
     # One loud line per destination (LazyClient, at start) instead of urllib3's warning on
     # every request.
     urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)

@@ -23,7 +23,7 @@ class LazyClient:
 
     def __init__(self, base_url: str, settings: Settings, headers: dict[str, str]) -> None:
         self.base_url = base_url
-        self._recipe = (settings, headers)
+        self._settings, self._headers = settings, headers
         self._client: HttpClient | None = None
         self._lock = threading.Lock()
         if settings.disable_ssl_verify:
@@ -40,6 +40,7 @@ class LazyClient:
                 if self._client is None:
                     from nxdrop.http.client import HttpClient
 
-                    settings, headers = self._recipe
-                    self._client = HttpClient.for_settings(self.base_url, settings, headers)
+                    self._client = HttpClient.for_settings(
+                        self.base_url, self._settings, self._headers
+                    )
         return self._client
