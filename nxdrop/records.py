@@ -271,7 +271,11 @@ class RecordReader:
                 raise RecordError(
                     f"{info.st_size} bytes, larger than NX_MAX_RECORD_BYTES={self.max_bytes}"
                 )
-            content = fh.read(self.max_bytes + 1)
+            # Asked for the size it has (one byte more shows that it grew): a read asked for
+            # NX_MAX_RECORD_BYTES would allocate that much first.
+            content = fh.read(info.st_size + 1)
+            if len(content) > info.st_size:
+                content += fh.read(self.max_bytes + 1 - len(content))
         signature = (info.st_size, info.st_mtime_ns, info.st_ino)
         if len(content) > self.max_bytes:
             raise RecordError(f"grew past NX_MAX_RECORD_BYTES={self.max_bytes}")

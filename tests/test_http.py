@@ -214,9 +214,9 @@ def test_an_error_is_summarised_in_a_line(
     assert str(caught.value) == (f"POST {server.url}rest/data/: HTTP 400: XML fails the template")
 
 
-@pytest.mark.parametrize("copies", [30_000, 300], ids=["streamed", "whole"])
+@pytest.mark.parametrize("copies", [30_000, 300], ids=["several-pieces", "one-piece"])
 def test_a_streamed_json_body_is_what_json_dumps_makes(copies: int) -> None:
-    # 30,000 copies: several pieces, above DECODE_WHOLE_BELOW; 300: encoded whole
+    # 30,000 copies: several pieces of CHUNK bytes, escaped one after the other
     text = 'a "quoted" \\ <x>\r\n\t\x01\x08\x0c\x1f\x7f µ € 😀 ' * copies
     fields = {"template": "7", "title": "2024-01-01_x µ"}
     body = json_body(fields, "xml_content", text.encode())

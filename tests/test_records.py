@@ -269,6 +269,16 @@ def test_size_limit_symbolic_links_and_fifos(tmp_path: Path, corpus: Path) -> No
             future.result(timeout=30)
 
 
+def test_a_file_longer_than_its_size_said_is_read_whole_up_to_the_limit() -> None:
+    # A /proc file is regular and says 0 bytes: what a file growing while it is read shows.
+    status = Path("/proc/self/status")
+    assert status.stat().st_size == 0 and len(status.read_bytes()) > 100
+    with pytest.raises(RecordError, match="grew past NX_MAX_RECORD_BYTES=100"):
+        RecordReader(100).read(status)
+    with pytest.raises(RecordError, match="not well-formed"):  # read whole: its text is no XML
+        RecordReader(10**6).read(status)
+
+
 def test_a_summary_date_that_is_not_a_date_is_refused_without_a_schema(
     tmp_path: Path, tree_max: int
 ) -> None:

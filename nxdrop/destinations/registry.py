@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
 from nxdrop.destinations.base import ExportDestination, as_destination
+from nxdrop.entrypoints import EntryPoint, entry_points
 from nxdrop.exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -66,11 +66,10 @@ def _entry_points() -> list[tuple[EntryPoint, str]]:
         for name, value in DEFAULT_DESTINATIONS.items()
     ]
     plugins = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(ENTRY_POINT_GROUP):
         if ep.name in DEFAULT_DESTINATIONS and ep.value == DEFAULT_DESTINATIONS[ep.name]:
             continue  # nxdrop's own, when installed with them declared
-        dist = ep.dist.name if ep.dist is not None else "?"
-        plugins.append((ep, f"plugin ({dist})"))
+        plugins.append((ep, f"plugin ({ep.dist or '?'})"))
     return builtin + plugins
 
 

@@ -4,8 +4,8 @@ A record goes out as a :class:`StreamedBody`: in pieces, with a known ``Content-
 JSON-escaped a piece at a time (:class:`JsonString`) where an API wants the XML inside JSON.
 It comes back, in an answer, as a :class:`RawJsonString`: the escaped bytes as they came,
 compared with the record a piece at a time. A large record's value thus never exists
-decoded, escaped or joined besides the record's own bytes; one under 1 MiB
-(:data:`DECODE_WHOLE_BELOW`) is handled whole by json's C code, which is faster.
+decoded, escaped or joined besides the record's own bytes; in an answer, one under 1 MiB
+(:data:`DECODE_WHOLE_BELOW`) is decoded whole by json's C code, which is faster.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 CHUNK = 256 * 1024  # read and send in pieces of this size
-# Below this size a record is handled whole, by json's C code (several times faster than the
-# piecewise code here for a 91 KB record): an answer is decoded whole, a JSON body encoded
-# whole. A worker then holds at most a few times this much; above it, a record-sized value
-# is never decoded, escaped or joined whole.
+# Below this size a record in an answer is decoded whole, by json's C code (several times
+# faster than the piecewise code here for a 91 KB record). A worker then holds at most a few
+# times this much; above it, a record-sized value is never decoded whole.
 DECODE_WHOLE_BELOW = 1024 * 1024
 
 
@@ -38,14 +37,19 @@ class JsonString:
     def __init__(self, utf8: bytes) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")()
         view = memoryview(utf8)
-        for start in range(0, len(view), CHUNK):  # checked a piece at a time: no text copy
-            decoder.decode(view[start : start + CHUNK])
+        shorts = others = 0
+        for start in range(0, len(view), CHUNK):  # a piece at a time: no text copy
+            piece = view[start : start + CHUNK]
+            decoder.decode(piece)
+            # The bytes JSON escapes, picked out by a table lookup a byte, then counted: a
+            # count per byte value over the whole piece would cost several times more.
+            escaped = bytes(piece).translate(None, _ALL_BUT_ESCAPED)
+            short = sum(escaped.count(char) for char, _ in _SHORT_ESCAPES)
+            shorts, others = shorts + short, others + len(escaped) - short
         decoder.decode(b"", final=True)
         self.utf8 = utf8
-        longer = sum(utf8.count(char) for char, _ in _SHORT_ESCAPES)
-        for start in range(0, len(view), CHUNK):  # \u00XX for the rare other controls
-            longer += 5 * len(_other_controls(view[start : start + CHUNK]))
-        self._length = len(utf8) + longer
+        self._length = len(utf8) + shorts + 5 * others  # \x is two bytes, \u00XX six
+        self._controls = others > 0
 
     def __len__(self) -> int:
         return self._length
@@ -54,9 +58,9 @@ class JsonString:
         view = memoryview(self.utf8)
         for start in range(0, len(view), CHUNK):
             piece = bytes(view[start : start + CHUNK])
-            for char, escaped in _SHORT_ESCAPES:
+            for char, escaped in _SHORT_ESCAPES:  # an absent byte costs one memchr
                 piece = piece.replace(char, escaped)
-            if _other_controls(piece):
+            if self._controls:
                 piece = _OTHER_CONTROLS.sub(_unicode_escape, piece)
             yield piece
 
@@ -74,13 +78,8 @@ _SHORT_ESCAPES = (
 # The control bytes JSON escapes as \u00XX (the rest have a letter, above).
 _OTHER_CONTROL_BYTES = bytes([*range(0x08), 0x0B, *range(0x0E, 0x20)])
 _OTHER_CONTROLS = re.compile(b"[" + re.escape(_OTHER_CONTROL_BYTES) + b"]")
-_NOT_OTHER_CONTROLS = bytes(b for b in range(256) if b not in _OTHER_CONTROL_BYTES)
-
-
-def _other_controls(piece: bytes | memoryview) -> bytes:
-    """The control bytes of ``piece`` that JSON escapes as ``\\u00XX`` (a table lookup a
-    byte, many times faster than a regular expression)."""
-    return bytes(piece).translate(None, _NOT_OTHER_CONTROLS)
+_ESCAPED_BYTES = b"".join(char for char, _ in _SHORT_ESCAPES) + _OTHER_CONTROL_BYTES
+_ALL_BUT_ESCAPED = bytes(b for b in range(256) if b not in _ESCAPED_BYTES)
 
 
 def _unicode_escape(match: re.Match[bytes]) -> bytes:
@@ -135,16 +134,12 @@ class StreamedBody:
 
 def json_body(fields: Mapping[str, Any], key: str, utf8: bytes) -> StreamedBody:
     """``json.dumps({**fields, key: utf8.decode()}, ensure_ascii=False).encode()`` as a
-    :class:`StreamedBody`; a ``utf8`` of :data:`DECODE_WHOLE_BELOW` or more is never decoded
-    or copied whole.
+    :class:`StreamedBody`, in which ``utf8`` is never decoded or copied whole.
 
     Raises ``ValueError`` if ``utf8`` is not UTF-8.
     """
     if key in fields:
         raise ValueError(f"{key!r} is both a field and the text's key")
-    if len(utf8) < DECODE_WHOLE_BELOW:  # json's C encoder, a few times faster
-        whole = json.dumps({**fields, key: utf8.decode("utf-8")}, ensure_ascii=False)
-        return StreamedBody(whole.encode("utf-8"), content_type="application/json")
     head = json.dumps(dict(fields), ensure_ascii=False).encode("utf-8")
     prefix = head[:-1] + (b", " if fields else b"") + json.dumps(key).encode() + b': "'
     return StreamedBody(prefix, JsonString(utf8), b'"}', content_type="application/json")

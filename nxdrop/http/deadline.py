@@ -111,7 +111,8 @@ class _Reaper:
                     target=self._run, name="nxdrop-http-deadlines", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][2] is deadline:  # sooner than what the reaper waits for
+                self._cond.notify()
 
     def forget(self, deadline: Deadline) -> None:
         # Requests usually finish long before their deadline: drop finished ones from the
