@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from lxml import etree
+if TYPE_CHECKING:  # elements come from nxdrop.reader, which loads lxml at the first record
+    from lxml import etree
 
 # The separator of a packed dataset's values: NUL cannot occur in an XML 1.0 document (not
 # even as a character reference), so no value can contain it.

@@ -21,23 +21,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult, utcnow
 from nxdrop.exceptions import DatabaseUnavailable, RecordError
 from nxdrop.folders import DropFolder, WorkFolder
 from nxdrop.metrics import Metrics
-from nxdrop.records import (
-    Record,
-    RecordReader,
-    escape_name,
-    name_problem,
-    session_identifier_of,
-)
+from nxdrop.records import Record, escape_name, name_problem, session_identifier_of
 from nxdrop.redact import Redactor
 from nxdrop.runner import Abandoned, DestinationRunner, Stop
+from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
 from nxdrop.settings import Settings, Strategy
 from nxdrop.store import RecordStatus, Standing, Store
+
+if TYPE_CHECKING:
+    from nxdrop.reader import RecordReader
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +122,10 @@ class Pipeline:
         self.work = work
         self.folder: DropFolder = work.drop
         self.stop = stop or Stop()
-        self.reader = RecordReader(settings.max_record_bytes, settings.schema_path)
+        # An XSD of the operator's is compiled now: one that does not compile stops the start.
+        shipped = settings.schema_path == NEXUS_EXPERIMENT_XSD
+        self._reader: RecordReader | None = None if shipped else _reader(settings)
+        self._reader_lock = threading.Lock()
         # Highest priority first whoever built the list; a stable sort keeps the given
         # order (by name, from discovery) among equals.
         destinations = sorted(destinations, key=lambda d: -d.priority)
@@ -149,6 +150,15 @@ class Pipeline:
             thread_name_prefix="nxdrop-destination",
         )
         self.sessions = SessionLocks()
+
+    @property
+    def reader(self) -> RecordReader:
+        """The record reader, made at the first record, so that a start with nothing to
+        read does not load lxml (about 25 ms) nor compile the schema shipped with nxdrop."""
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = _reader(self.settings)
+            return self._reader
 
     def close(self) -> None:
         """Let the destination threads go; never waits for a call that hangs."""
@@ -339,6 +349,12 @@ class Pipeline:
             report = _error_report(shown, session, self.strategy, f"record rejected: {error}", [])
             moved = self.work.to_failed(file.source, file.name, report)
         return FileReport(file.path, session, Outcome.REJECTED, [], moved, error)
+
+
+def _reader(settings: Settings) -> RecordReader:
+    from nxdrop.reader import RecordReader  # lxml with it: see Pipeline.reader
+
+    return RecordReader(settings.max_record_bytes, settings.schema_path)
 
 
 def waits_for(destinations: Sequence[ExportDestination]) -> list[tuple[int, ...]]:

@@ -93,6 +93,23 @@ def test_configuration_error_names_the_variable(
     assert "NX_WORKERS" in result.stderr
 
 
+def test_a_schema_that_does_not_compile_stops_the_start_and_the_shipped_one_loads_no_lxml(
+    nxdrop: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    # The reader is made at the first record, but an XSD of the operator's is compiled at
+    # start: an empty drop folder must not hide that it is unusable.
+    broken = tmp_path / "broken.xsd"
+    broken.write_text("<xs:schema xmlns:xs='http://www.w3.org/2001/XMLSchema'><oops/>")
+    result = nxdrop("run", "--once", NX_SCHEMA_PATH=str(broken))
+    assert result.returncode == 2, result.stderr
+    assert f"NX_SCHEMA_PATH={broken}: not a usable XSD" in result.stderr
+
+    imports = nxdrop("run", "--once", PYTHONPROFILEIMPORTTIME="1")
+    assert imports.returncode == 0, imports.stderr
+    assert "| nxdrop.daemon" in imports.stderr  # the import log is there…
+    assert "lxml" not in imports.stderr  # …and lxml waits for a record to read
+
+
 def test_no_destination_enabled_is_a_configuration_error(
     nxdrop: Callable[..., subprocess.CompletedProcess[str]], place: Callable[..., Path]
 ) -> None:

@@ -29,7 +29,7 @@ import pytest
 
 from nxdrop.app import App
 from nxdrop.destinations import AcquisitionActivity, ExportContext, ExportResult
-from nxdrop.records import TREE_MAX, RecordReader
+from nxdrop.reader import TREE_MAX, RecordReader
 from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
 from tests.conftest import RECORDS
 from tests.fixtures.cdcs_server import CDCSServer

@@ -22,7 +22,8 @@ from lxml import etree
 from nxdrop.activities import ActivityCollector
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import ConfigError, RecordError
-from nxdrop.records import TREE_MAX, RecordReader, escape_name, name_problem
+from nxdrop.reader import TREE_MAX, RecordReader
+from nxdrop.records import escape_name, name_problem
 from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
 from nxdrop.settings import Settings, load_settings
 
@@ -326,7 +327,7 @@ MEASURE = textwrap.dedent(
     """
     import resource, sys
     from pathlib import Path
-    from nxdrop.records import RecordReader
+    from nxdrop.reader import RecordReader
     from nxdrop.schemas import NEXUS_EXPERIMENT_XSD
     reader = RecordReader(50 * 2**20, NEXUS_EXPERIMENT_XSD)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

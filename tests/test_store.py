@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from nxdrop.destinations import ExportResult
-from nxdrop.records import Record, RecordReader
+from nxdrop.reader import RecordReader
+from nxdrop.records import Record
 from nxdrop.store import AttemptState, RecordStatus, Standing, Store
 
 ENDPOINT = "https://cdcs.example/"

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
-from nxdrop.destinations.cdcs_schema import TemplateSchemas, TemplateViolation
 from nxdrop.exceptions import DestinationError, PermanentError, TransientError
 from nxdrop.http import LazyClient, check_base_url, join_url
 from nxdrop.http.bodies import RawJsonString, StreamedBody, json_body
 
 if TYPE_CHECKING:
+    from nxdrop.destinations.cdcs_schema import TemplateSchemas
     from nxdrop.http.client import HttpClient
     from nxdrop.settings import Settings
 
@@ -100,7 +100,8 @@ class CDCSDestination(ExportDestination):
         self._lock = threading.Lock()
         self._template: str | None = None
         self._workspace: str | None = None
-        self._schemas = TemplateSchemas(self._fetch_template)
+        self._schemas_made: TemplateSchemas | None = None
+        self._schemas_lock = threading.Lock()
         self._unchecked: set[str] = set()  # templates already warned about
 
     def configure(self, settings: Settings) -> None:
@@ -139,7 +140,7 @@ class CDCSDestination(ExportDestination):
             return False, self.disabled_reason
         try:
             template = self._template_id()
-            problem = self._schemas.get(template).problem
+            problem = self._schemas().get(template).problem
             if problem is not None:
                 # Not a failure: CDCS still checks every record; only its 500s are ambiguous.
                 self._warn_unchecked(template, problem)
@@ -425,10 +426,12 @@ class CDCSDestination(ExportDestination):
     def _check(self, template: str, context: ExportContext, what: str) -> str | None:
         """Check the record against the template before it is sent; refused records never
         are. Returns why it could not be checked here, or ``None`` when it passed."""
+        from nxdrop.destinations.cdcs_schema import TemplateViolation
+
         try:
             record = context.record
             passed = record.valid_against if record is not None else None
-            problem = self._schemas.check(template, context.content, passed)
+            problem = self._schemas().check(template, context.content, passed)
         except TemplateViolation as exc:
             raise PermanentError(
                 f"CDCS template {template} refuses {what}, so it was not sent: {exc}"
@@ -436,6 +439,16 @@ class CDCSDestination(ExportDestination):
         if problem is not None:
             self._warn_unchecked(template, problem)
         return problem
+
+    def _schemas(self) -> TemplateSchemas:
+        """The templates' schemas, made at the first check: lxml comes with them, and a
+        start with nothing to send does not load it."""
+        with self._schemas_lock:
+            if self._schemas_made is None:
+                from nxdrop.destinations.cdcs_schema import TemplateSchemas
+
+                self._schemas_made = TemplateSchemas(self._fetch_template)
+            return self._schemas_made
 
     def _warn_unchecked(self, template: str, problem: str) -> None:
         """Say once per template that its records are sent unchecked, and what that means."""

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 from lxml import etree
 
-from nxdrop.records import TREE_MAX
+from nxdrop.reader import TREE_MAX
 
 # Parsed as CDCS parses (``remove_blank_text``), and as nxdrop parses everything: no entity
 # expansion, no DTD, no network, no huge trees.
@@ -219,7 +219,7 @@ def _compile(main: bytes, parts: Mapping[str, bytes]) -> etree.XMLSchema:
 def _validate(schema: etree.XMLSchema, content: bytes, parser: etree.XMLParser) -> None:
     """Raise :class:`TemplateViolation` unless ``content`` is well-formed and valid.
 
-    A record of up to :data:`~nxdrop.records.TREE_MAX` bytes is parsed into a tree (as CDCS
+    A record of up to :data:`~nxdrop.reader.TREE_MAX` bytes is parsed into a tree (as CDCS
     does); a larger one is streamed twice, each element dropped once it is done, so memory
     stays about the record's own size: once for the syntax (lxml's validating stream
     parser takes some broken files for valid ones), once against the schema.

@@ -12,7 +12,7 @@ import pytest
 
 from nxdrop.destinations import ExportContext
 from nxdrop.destinations.archive import ArchiveDestination
-from nxdrop.records import RecordReader
+from nxdrop.reader import RecordReader
 from nxdrop.settings import Settings
 from tests.test_fsops import LONG_NAMES
 

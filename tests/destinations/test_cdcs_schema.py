@@ -24,7 +24,7 @@ from nxdrop.destinations.base import ExportContext
 from nxdrop.destinations.cdcs import CDCSDestination
 from nxdrop.destinations.cdcs_schema import TemplateSchemas, TemplateViolation
 from nxdrop.exceptions import PermanentError, RecordError, TransientError
-from nxdrop.records import TREE_MAX, RecordReader
+from nxdrop.reader import TREE_MAX, RecordReader
 from nxdrop.settings import Settings
 from tests.conftest import RECORDS
 from tests.fixtures.cdcs_fake import FakeCDCS

@@ -29,7 +29,7 @@ from nxdrop.destinations.elabftw import ELabFTWDestination
 from nxdrop.destinations.elabftw_api import METADATA_MERGE
 from nxdrop.exceptions import ConfigError, DestinationError, PermanentError, TransientError
 from nxdrop.pipeline import Outcome
-from nxdrop.records import RecordReader
+from nxdrop.reader import RecordReader
 from nxdrop.settings import Settings, Strategy
 from tests.fixtures.elabftw_fake import FakeELabFTW, Prism
 from tests.fixtures.hostile import (
