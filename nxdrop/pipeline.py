@@ -122,9 +122,10 @@ class Pipeline:
         self.work = work
         self.folder: DropFolder = work.drop
         self.stop = stop or Stop()
-        # An XSD of the operator's is compiled now: one that does not compile stops the start.
-        shipped = settings.schema_path == NEXUS_EXPERIMENT_XSD
-        self._reader: RecordReader | None = None if shipped else _reader(settings)
+        # An XSD of the operator's is compiled now, so that one that does not compile stops
+        # the start; the shipped one, or none, leaves nothing to check before a record.
+        custom = settings.schema_path not in (None, NEXUS_EXPERIMENT_XSD)
+        self._reader: RecordReader | None = _reader(settings) if custom else None
         self._reader_lock = threading.Lock()
         # Highest priority first whoever built the list; a stable sort keeps the given
         # order (by name, from discovery) among equals.
