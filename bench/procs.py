@@ -290,11 +290,23 @@ class NotifySocket:
 # -- /proc -----------------------------------------------------------------------------------
 
 
-def proc_cpu(pid: int) -> float:
+def proc_cpu(pid: int, *, reaped: bool = False) -> float:
     """CPU seconds of a process, all its threads, dead ones included (/proc/<pid>/stat
-    utime + stime, in clock ticks of 10 ms)."""
+    utime + stime, in clock ticks of 10 ms); with ``reaped``, also that of the children it
+    has waited for (cutime + cstime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return sum(int(f) for f in fields[11 : 15 if reaped else 13]) / TICK
+
+
+def spawner_cpu() -> float:
+    """CPU seconds of the spawner and of the children it has run: the bench's own rusage
+    never counts them, as the spawner lives on and reaps them itself."""
+    if _spawner is None or _spawner.poll() is not None:
+        return 0.0
+    try:
+        return proc_cpu(_spawner.pid, reaped=True)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
 
 
 def threads_cpu(pid: int) -> float:
@@ -318,8 +330,8 @@ def children(pid: int) -> list[int]:
 
 class Others:
     """How busy the machine was with other processes meanwhile (others' benchmarks or tests
-    skew every figure): its busy time from /proc/stat less this process's and its
-    children's, as a share of all cores."""
+    skew every figure): its busy time from /proc/stat less this process's, its children's
+    and the measured children's (run by the spawner), as a share of all cores."""
 
     def __init__(self) -> None:
         self.start = self._now()
@@ -335,7 +347,7 @@ class Others:
                 resource.getrusage(resource.RUSAGE_CHILDREN),
             )
         )
-        return time.monotonic(), busy, own
+        return time.monotonic(), busy, own + spawner_cpu()
 
     def share(self, outside: float = 0.0) -> float:
         """Percent of the machine's cores that others used since this was made, less
