@@ -153,6 +153,13 @@ def test_postgres_gone_and_back_and_unreachable_at_start(
 # -- SQLite ----------------------------------------------------------------------------------
 
 
+def sqlite_service(service: Callable[..., Service], tmp_path: Path) -> tuple[Service, Path]:
+    """A ready daemon on the default SQLite database, exporting to an archive; its file."""
+    svc = service(slow=False, NX_ARCHIVE_PATH=str(tmp_path / "archive"), **FAST)
+    svc.ready()
+    return svc, tmp_path / "state" / "nxdrop.db"
+
+
 def sqlite_sessions(path: Path) -> dict[str, str]:
     with sqlite3.connect(path) as db:
         return dict(db.execute("SELECT session_identifier, record_status FROM session_log"))
@@ -161,9 +168,7 @@ def sqlite_sessions(path: Path) -> dict[str, str]:
 def test_a_deleted_sqlite_file_is_noticed_and_reopened(
     service: Callable[..., Service], corpus: Path, tmp_path: Path
 ) -> None:
-    svc = service(slow=False, NX_ARCHIVE_PATH=str(tmp_path / "archive"), **FAST)
-    svc.ready()
-    database = tmp_path / "state" / "nxdrop.db"
+    svc, database = sqlite_service(service, tmp_path)
     before = drop_records(svc, corpus, "before", range(3))
     wait_until(lambda: exported(svc, before), "the first three exported")
     for suffix in ("", "-wal", "-shm"):
@@ -185,9 +190,7 @@ def test_the_daemon_checkpoints_sqlite_so_the_file_alone_holds_the_log(
     # syncs). Seen from outside: soon after the work, the file alone, without its -wal,
     # holds every session; before, the log's last pages stayed out of it until nxdrop
     # stopped.
-    svc = service(slow=False, NX_ARCHIVE_PATH=str(tmp_path / "archive"), **FAST)
-    svc.ready()
-    database = tmp_path / "state" / "nxdrop.db"
+    svc, database = sqlite_service(service, tmp_path)
     names = drop_records(svc, corpus, "wal", range(60))
     wait_until(lambda: exported(svc, names), "sixty exported", timeout=60)
 
@@ -207,9 +210,7 @@ def test_the_daemon_checkpoints_sqlite_so_the_file_alone_holds_the_log(
 def test_a_sqlite_file_locked_for_30_seconds_delays_but_loses_nothing(
     service: Callable[..., Service], corpus: Path, tmp_path: Path
 ) -> None:
-    svc = service(slow=False, NX_ARCHIVE_PATH=str(tmp_path / "archive"), **FAST)
-    svc.ready()
-    database = tmp_path / "state" / "nxdrop.db"
+    svc, database = sqlite_service(service, tmp_path)
     locker = sqlite3.connect(database, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
     names = drop_records(svc, corpus, "locked", range(5))
