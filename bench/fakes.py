@@ -217,7 +217,9 @@ class FakeCDCS:
 
     def _list(self, request: Request) -> Reply:
         title, template = request.param("title"), request.param("template")
-        if title is not None:
+        if title is not None and request.param("regex") == "true":
+            rows = [r for r in self.data.values() if re.search(title, r["title"], re.I)]
+        elif title is not None:
             rows = [self.data[i] for i in self.by_title.get(title, [])]
         else:
             rows = list(self.data.values())

@@ -9,7 +9,8 @@ nxdrop runs twice a repetition, each time with a fresh database, as the fakes' s
 first against a repository emptied of records (a first install: the census vouches that
 the server held none of nxdrop's records, so each record is one request, the create), then
 against the repository the first run filled (a fresh database in front of a server that
-holds records: every record is looked for before it is created, two requests).
+holds records: the census cannot vouch, so CDCS is asked which of the next 50 sessions it
+holds records of, one listing for them all, then each record is created).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def real_cdcs(ctx: Context) -> Outcome:
     rows = []
     states = (
         ("nxdrop", "empty repository", "the create alone"),
-        ("nxdrop-holding", "holding records", "a lookup, then the create"),
+        ("nxdrop-holding", "holding records", "a listing per 50, then the create"),
     )
     for key, state, requests_made in states:
         nx = median(s["rate"] for s in samples[key])

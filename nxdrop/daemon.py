@@ -74,7 +74,12 @@ class Daemon:
         self.inbox: queue.SimpleQueue[Sighting | None] = queue.SimpleQueue()
         self.dispatcher = Dispatcher(app.pipeline.process, settings.workers, self._wake)
         self.intake = Intake(
-            app.work.drop, settings, self.inbox.put, known=self.dispatcher.__contains__, watch=watch
+            app.work.drop,
+            settings,
+            self.inbox.put,
+            known=self.dispatcher.__contains__,
+            watch=watch,
+            lookahead=app.pipeline.lookahead,
         )
         self.service = Service(notifier or Notifier(), self._wake)
         self.outage = Outage(app.connect, self.dispatcher.call)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nxdrop.folders import DropFolder
+from nxdrop.lookahead import Lookahead
 from nxdrop.settings import Settings
 from nxdrop.settle import SettleTracker
 from nxdrop.sighting import Kind, Sighting, Sink
@@ -43,9 +44,12 @@ class Intake:
         *,
         known: Callable[[Path], bool],
         watch: bool = True,
+        lookahead: Lookahead | None = None,
     ) -> None:
         self.folder = folder
         self.known = known  # already handed on, not yet claimed: no need to offer it again
+        # Told of each path made ready, for destinations that look for many sessions at once.
+        self.lookahead = Lookahead() if lookahead is None else lookahead
         self.settle_seconds = settings.settle_seconds
         self.rescan_seconds = settings.rescan_seconds
         self.watcher: Watcher | None = None
@@ -90,6 +94,7 @@ class Intake:
             self.watcher.stop()
         self.tracker.clear()
         self._ready.clear()
+        self.lookahead.clear()
 
     # -- what comes in ---------------------------------------------------------------------
 
@@ -195,6 +200,7 @@ class Intake:
             self._shed = True
             return
         self._ready[name] = None
+        self.lookahead.expect(name)
 
     def _supervise(self) -> None:
         assert self.watcher is not None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult, utcnow
 from nxdrop.exceptions import DatabaseUnavailable, RecordError
 from nxdrop.folders import DropFolder, WorkFolder
+from nxdrop.lookahead import Lookahead
 from nxdrop.metrics import Metrics
 from nxdrop.records import Record, escape_name, name_problem, session_identifier_of
 from nxdrop.redact import Redactor
@@ -130,6 +131,7 @@ class Pipeline:
         # Highest priority first whoever built the list; a stable sort keeps the given
         # order (by name, from discovery) among equals.
         destinations = sorted(destinations, key=lambda d: -d.priority)
+        self.lookahead = Lookahead()  # the intake's ready files, for lookups in batches
         self.runners = [
             DestinationRunner(
                 d,
@@ -139,6 +141,7 @@ class Pipeline:
                 stop=self.stop,
                 redactor=Redactor.from_settings(settings),
                 metrics=metrics or Metrics(),
+                lookahead=self.lookahead,
             )
             for d in destinations
         ]
@@ -168,6 +171,12 @@ class Pipeline:
     def process(self, path: Path) -> FileReport:
         """Export one file. A file in the drop folder is claimed and then moved on as the
         daemon does; a file elsewhere (``nxdrop export``) is exported where it is."""
+        try:
+            return self._process(path)
+        finally:
+            self.lookahead.done(path.name)
+
+    def _process(self, path: Path) -> FileReport:
         name = path.name
         shown, session = escape_name(name), escape_name(session_identifier_of(name))
         with self.sessions.hold(session):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, TransientError
+from nxdrop.lookahead import Lookahead
 from nxdrop.metrics import Metrics
 from nxdrop.records import Record
 from nxdrop.redact import Redactor
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 MIN_RETRY_DELAY = 0.2  # seconds, however soon a server asks to be asked again
 # Exponential backoff with full jitter: a random wait up to 0.5 s, 1 s, 2 s, … 30 s.
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+LOOKAHEAD = 50  # sessions a destination is asked about at once
+# How long a destination's "I hold nothing of this session" is trusted; a destination that
+# cannot tell is asked again after as long.
+VOUCH_SECONDS = 60.0
 
 
 @dataclass
@@ -63,6 +68,7 @@ class DestinationRunner:
         stop: Stop,
         redactor: Redactor,
         metrics: Metrics,
+        lookahead: Lookahead | None = None,
     ) -> None:
         self.destination = destination
         self.name = str(destination.name)
@@ -75,10 +81,16 @@ class DestinationRunner:
         self._bugs_told: set[str] = set()  # a bug's traceback is logged once, not per record
         self._census_lock = threading.Lock()
         self._from_start: bool | None = None  # whether the log knows all made at the endpoint
+        self.lookahead = Lookahead() if lookahead is None else lookahead
+        self._batch_lock = threading.Lock()
+        self._answers: dict[str, tuple[bool, float]] = {}  # session → (held, when), oldest first
+        self._ask_after = 0.0
 
     def run(self, context: ExportContext, record: Record, standing: Standing) -> ExportResult:
         """Export, update or reconcile; log the attempt; never raises but :class:`Abandoned`."""
-        unseen = not standing.attempted and self._logged_from_start()
+        unseen = not standing.attempted and (
+            self._logged_from_start() or self._vouched_absent(context.session_identifier)
+        )
         context = context.evolve(interrupted=standing.interrupted, unseen=unseen)
         earlier = standing.latest_success
         call, state = self._call_for(context, record, earlier)
@@ -136,6 +148,39 @@ class DestinationRunner:
                 endpoint,
             )
         return bool(empty)  # None, "cannot tell": not asked again in this process
+
+    def _vouched_absent(self, session: str) -> bool:
+        """Whether the destination said, within ``VOUCH_SECONDS``, that it holds no record
+        of ``session``: asked about the next sessions at once (``holds_records_of``), where
+        the log cannot vouch for the endpoint, instead of a lookup before each create."""
+        with self._batch_lock:
+            now = time.monotonic()
+            answers = self._answers
+            while answers:  # forget what is too old to trust: oldest first
+                oldest = next(iter(answers))
+                if now - answers[oldest][1] < VOUCH_SECONDS:
+                    break
+                del answers[oldest]
+            answer = answers.get(session)
+            if answer is None and now >= self._ask_after:
+                batch = self.lookahead.batch(session, LOOKAHEAD, skip=answers)
+                if len(batch) > 1:  # one session alone is the record's own lookup
+                    answer = self._ask(batch, now)
+            return answer is not None and not answer[0]
+
+    def _ask(self, batch: list[str], now: float) -> tuple[bool, float] | None:
+        try:
+            held = self.destination.holds_records_of(batch)
+        except Exception as exc:  # an optimisation: never a failure
+            log.info("%s: cannot tell which sessions it holds (%s)", self.name, exc)
+            held = None
+        if held is None:
+            self._ask_after = now + VOUCH_SECONDS
+            return None
+        log.debug("%s holds records of %d of %d sessions", self.name, len(held), len(batch))
+        for session in batch:
+            self._answers[session] = (session in held, now)
+        return self._answers[batch[0]]
 
     def _call_for(
         self, context: ExportContext, record: Record, earlier: UploadRow | None

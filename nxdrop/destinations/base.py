@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    from collections.abc import Collection, Sequence
+
     from nxdrop.activities import AcquisitionActivity
     from nxdrop.records import Record
     from nxdrop.settings import Settings
@@ -106,9 +108,10 @@ class ExportContext:
     when nxdrop's log vouches that the destination holds no record of this session — no
     attempt at its endpoint was ever logged for the session, and the endpoint held none of
     the destination's records when this database began logging there
-    (:meth:`ExportDestination.holds_no_records`) — so a lookup before creating can be
-    skipped. Only ever true for the first call of an attempt: a retried call may follow one
-    that reached the server.
+    (:meth:`ExportDestination.holds_no_records`), or the destination said just now that it
+    holds no record of the session (:meth:`ExportDestination.holds_records_of`) — so a
+    lookup before creating can be skipped. Only ever true for the first call of an attempt:
+    a retried call may follow one that reached the server.
     """
 
     xml_file_path: Path
@@ -279,6 +282,18 @@ class ExportDestination:
         (``context.unseen``), so the lookup before each create can be skipped. ``False``
         (it holds records this database may not know) or ``None`` (cannot tell: the
         default) keeps ``unseen`` false.
+        """
+        return None
+
+    def holds_records_of(self, sessions: Sequence[str]) -> Collection[str] | None:
+        """Which of ``sessions`` the endpoint holds any record of: the sessions of the next
+        files to export (at most 50), asked at once while the log cannot vouch for the
+        endpoint (:meth:`holds_no_records` found records there).
+
+        A session left out of the answer is vouched for, for a minute, as the census
+        vouches for an empty endpoint: ``context.unseen`` is true for it, so its lookup
+        before creating may be skipped. ``None`` (the default): cannot tell; every record
+        looks for itself.
         """
         return None
 

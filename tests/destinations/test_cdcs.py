@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 import uuid
@@ -414,6 +415,48 @@ def test_fresh_database_updates_the_record_cdcs_holds_instead_of_a_second(
     assert stored["xml_content"].encode() == rebuilt(v1, "v2")
     assert stored["workspace"] == cdcs_server.client.public_workspace()
     assert cdcs_states(fresh, session) == ["succeeded"]
+
+
+@cdcs
+def test_which_sessions_cdcs_holds_is_one_listing_for_many_and_answered_exactly(
+    destination: Callable[..., CDCSDestination],
+    cdcs_server: CDCSServer,
+    cdcs_proxy: SubPathProxy,
+    corpus: Path,
+) -> None:
+    """A backlog in front of a CDCS holding records: which sessions it holds a record of is
+    asked with one pattern of titles per listing, on CDCS's own database; what the loose
+    pattern matches beyond the titles (another case, another character) is sorted out."""
+    xml = (corpus / RECORDS[0]).read_text()
+    base = unique_session()
+    stored = {
+        "own": f"{base}_plain",
+        "odd": f"{base} Ångström (2)+µ.x[y]",
+        "near": f"{base}_xzy",  # what "x.y" matches as a pattern
+        "case": f"{base}_CASE",
+    }
+    for title in stored.values():
+        alice(cdcs_server).call(
+            "POST",
+            "rest/data/",
+            json={"template": cdcs_server.template_id, "title": title, "xml_content": xml},
+        )
+    others = f"{base}_others"  # only the token user's own records are the session's
+    cdcs_server.client.call(
+        "POST",
+        "rest/data/",
+        json={"template": cdcs_server.template_id, "title": others, "xml_content": xml},
+    )
+    asked = [unique_session() for _ in range(150)]
+    asked += [f"{base}_x.y", f"{base}_case", others, stored["own"], stored["odd"]]
+
+    held = destination(cdcs_url=cdcs_proxy.url).holds_records_of(asked)
+
+    assert held == {stored["own"], stored["odd"]}
+    [template, *listings] = cdcs_proxy.seen
+    assert template == ("GET", "/rest/template-version-manager/global/")
+    assert len(listings) == 3  # 155 titles, 75 a listing
+    assert all(m == "GET" and re.match(r"/rest/data/\?.*regex=true", p) for m, p in listings)
 
 
 @cdcs

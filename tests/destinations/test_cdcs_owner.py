@@ -179,6 +179,24 @@ def test_a_fresh_database_finds_the_record_given_away_and_updates_it(
 
 
 @cdcs
+def test_a_session_whose_record_was_given_away_is_held_when_many_are_asked_about(
+    destination: Callable[..., CDCSDestination],
+    record: Callable[..., Path],
+    cdcs_server: CDCSServer,
+) -> None:
+    """The record given to its user is no longer among the token user's own: asked about
+    many sessions at once, every user's records are looked through."""
+    _, username = cdcs_server.create_user()
+    path = record(f"Jane Doe ({username})")
+    session = path.name.removesuffix(".xml")
+    assert destination().export(context_for(path, f"Jane Doe ({username})")).success
+
+    held = destination().holds_records_of([unique_session(), session, unique_session()])
+
+    assert held == {session}
+
+
+@cdcs
 def test_a_record_given_away_is_still_updated_after_the_setting_is_switched_off(
     destination: Callable[..., CDCSDestination],
     record: Callable[..., Path],
