@@ -86,6 +86,10 @@ class Database:
         self._file: tuple[int, int] | None = None
         self._checkpoints_taken = False  # the main loop checkpoints, not the writers
         self._checkpoint_failed = False  # said once, until one works again
+        # Work done through :meth:`run`, and how much of it the last checkpoint covered: an
+        # idle daemon's checkpoint has nothing to copy, and costs a wakeup's worth of CPU.
+        self._runs = 0
+        self._runs_checkpointed = -1
 
     @property
     def is_postgres(self) -> bool:
@@ -113,6 +117,7 @@ class Database:
         ``recheck`` is asked before a retry whether the failed try took effect after all
         (its answer lost with the connection): for statements that must not run twice.
         """
+        self._runs += 1  # the GIL makes a lost increment rare, and one is found next time
         deadline = time.monotonic() + self.retry_seconds
         delay, tried = 0.05, False
         while True:
@@ -141,9 +146,11 @@ class Database:
         """Copy SQLite's write-ahead log into the database file now, on a connection of its
         own that waits for nobody (``PASSIVE``); nothing for PostgreSQL. The first call
         takes checkpoints over from the writers, whose commits then never pay for one: call
-        it regularly from one thread (the daemon's main loop does, every second). Never
-        raises: a checkpoint that cannot run now runs at the next call."""
-        if self.sqlite_path is None:
+        it regularly from one thread (the daemon's main loop does, every second). Nothing
+        is done when no statement ran since the last one. Never raises: a checkpoint that
+        cannot run now runs at the next call."""
+        runs = self._runs
+        if not self.checkpoint_due():
             return
         try:
             if not self._checkpoints_taken:
@@ -152,7 +159,7 @@ class Database:
             # mode=rw: a database file that was deleted is not made again here.
             side = sqlite3.connect(f"file:{self.sqlite_path}?mode=rw", uri=True, timeout=0)
             try:
-                side.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                _, frames, copied = side.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             finally:
                 side.close()
         except NxdropError as exc:  # the database is down: the outage says so
@@ -169,6 +176,12 @@ class Database:
             )
         else:
             self._checkpoint_failed = False
+            if copied == frames:  # a reader kept none of it back: all done until more runs
+                self._runs_checkpointed = runs
+
+    def checkpoint_due(self) -> bool:
+        """Whether statements ran since the last complete checkpoint (SQLite only)."""
+        return self.sqlite_path is not None and self._runs != self._runs_checkpointed
 
     def close(self) -> None:
         """Close this thread's connection (the shared one, for SQLite)."""

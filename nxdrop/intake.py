@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUPERVISE_SECONDS = 1.0  # how often the observer is checked
+# How often the observer is looked at, besides when one of its threads ends: one that is
+# deaf (its folder was deleted and made again) is restarted, and the rescan after it finds
+# what came meanwhile. As often as the shipped unit's watchdog is fed (WatchdogSec=30s).
+SUPERVISE_SECONDS = 15.0
 
 
 class Intake:
@@ -148,7 +151,7 @@ class Intake:
             self._next_rescan = now
         if now >= self._next_rescan:
             self.rescan()
-        if now >= self._next_supervise:
+        if self.watcher.ended() or now >= self._next_supervise:
             self._next_supervise = now + SUPERVISE_SECONDS
             self._supervise()
 

@@ -28,4 +28,6 @@ class Sighting:
     kind: Kind
 
 
-Sink = Callable[[Sighting], None]
+# Where sightings go; ``None`` sights nothing but wakes the daemon to look at the watcher
+# now (the kernel dropped events, or a thread of the observer ended).
+Sink = Callable[[Sighting | None], None]

@@ -230,6 +230,10 @@ class Store:
         :meth:`Database.checkpoint`); never raises."""
         self.database.checkpoint()
 
+    def checkpoint_due(self) -> bool:
+        """Whether :meth:`checkpoint` has anything to do."""
+        return self.database.checkpoint_due()
+
     def close(self) -> None:
         """Close this thread's connection."""
         self.database.close()

@@ -11,9 +11,11 @@ watchdog's traps, and where each is handled:
   here, :class:`DropHandler` filters names itself.
 - An exception in a handler kills the observer thread silently. :class:`DropHandler` only
   enqueues and catches everything; the daemon still checks :meth:`Watcher.healthy` and
-  restarts the observer.
+  restarts the observer: at once when the observer's or an emitter's thread ends (the
+  watcher wakes it), else at its next periodic look.
 - The kernel drops events when its queue overflows and network shares send none: the daemon
-  rescans; :meth:`Watcher.overflowed` tells it when to rescan at once.
+  rescans; :meth:`Watcher.overflowed` tells it when to rescan at once, and the watcher
+  wakes it.
 - watchdog holds an unpaired IN_MOVED_FROM for 0.5 s, and every event queued behind it; each
   claim moves a file out into the working folder (``.nxdrop/work/…``). Watching the whole
   tree pairs those moves at once.
@@ -96,13 +98,14 @@ class DropHandler(FileSystemEventHandler):
 
 
 class _OverflowAlarm(logging.Handler):
-    def __init__(self, flag: threading.Event) -> None:
+    def __init__(self, flag: threading.Event, sink: Sink) -> None:
         super().__init__(logging.WARNING)
-        self.flag = flag
+        self.flag, self.sink = flag, sink
 
     def emit(self, record: logging.LogRecord) -> None:
         if "overflow" in str(record.msg).lower():
             self.flag.set()
+            self.sink(None)
 
 
 class Watcher:
@@ -121,7 +124,8 @@ class Watcher:
         self.observer: BaseObserver | None = None
         self.handler: DropHandler | None = None
         self._overflow = threading.Event()
-        self._alarm = _OverflowAlarm(self._overflow)
+        self._alarm = _OverflowAlarm(self._overflow, sink)
+        self._ended = threading.Event()  # a thread of the observer ended: look at it now
 
     def start(self) -> None:
         """Watch the folder; raises ``OSError`` when the folder cannot be watched."""
@@ -135,6 +139,8 @@ class Watcher:
             observer.schedule(
                 handler, str(self.folder.path), recursive=recursive, event_filter=list(EVENTS)
             )
+            for thread in (observer, *observer.emitters):
+                self._tell_when_ended(thread)
             observer.start()
         except BaseException:
             observer.stop()  # an inotify observer has a reader thread from birth
@@ -176,6 +182,27 @@ class Watcher:
             self._overflow.clear()
             return True
         return False
+
+    def ended(self) -> bool:
+        """Whether a thread of the observer ended since the last call (also by a stop)."""
+        if self._ended.is_set():
+            self._ended.clear()
+            return True
+        return False
+
+    def _tell_when_ended(self, thread: threading.Thread) -> None:
+        """Wake the daemon when ``thread`` ends, however: it then restarts the observer at
+        once, not at its next periodic look (an idle daemon wakes seldom)."""
+        run = thread.run
+
+        def run_and_tell() -> None:
+            try:
+                run()
+            finally:
+                self._ended.set()
+                self.sink(None)
+
+        thread.run = run_and_tell  # type: ignore[method-assign]
 
     def _make_observer(self) -> BaseObserver:
         if self.kind == "polling":

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from nxdrop.app import App
-from nxdrop.daemon import Daemon
+from nxdrop.daemon import BATCH, Daemon
 from nxdrop.destinations import ExportContext, ExportResult
 from nxdrop.pipeline import Outcome
 from nxdrop.systemd import Notifier
@@ -463,6 +463,23 @@ def loop_until(daemon: Daemon, predicate: Callable[[], bool], what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         daemon.loop_once()
+
+
+def test_no_event_is_lost_past_a_full_batch_of_the_inbox(
+    daemon_for: Callable[..., tuple[Daemon, GateDestination]], drop: Path, corpus: Path
+) -> None:
+    """A burst puts more events into the inbox than the loop takes at once (BATCH): each
+    is handled, none is left for a rescan."""
+    daemon, dest = daemon_for(watch=False)  # no observer: the sightings below are all
+    daemon.start()
+    paths = [drop / f"2024-02-01_inbox_{i:04d}.xml" for i in range(BATCH + 10)]
+    for i, path in enumerate(paths):
+        path.write_bytes(record(corpus, i))
+    for path in paths:  # what the observer puts there: one close event each
+        daemon.inbox.put(Sighting(path, Kind.READY))
+    uploaded = drop / "uploaded"
+    loop_until(daemon, lambda: len(xml_names(uploaded)) == len(paths), "every file exported")
+    assert len(dest.calls) == len(paths) and xml_names(drop) == set()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")

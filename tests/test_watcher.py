@@ -36,9 +36,13 @@ class Sightings:
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue[Sighting] = queue.SimpleQueue()
         self.seen: list[Sighting] = []
+        self.woken = threading.Event()
 
-    def put(self, sighting: Sighting) -> None:
-        self.queue.put(sighting)
+    def put(self, sighting: Sighting | None) -> None:
+        if sighting is None:  # a wakeup: look at the watcher
+            self.woken.set()
+        else:
+            self.queue.put(sighting)
 
     def wait_for(self, path: Path, kinds: set[Kind] | None = None) -> Sighting:
         deadline = time.monotonic() + DEADLINE
@@ -253,6 +257,8 @@ def test_a_dead_observer_is_seen_and_restarted(folder: DropFolder, drop: Path) -
         (drop / "first.xml").write_bytes(b"<x/>")
         crashed.wait_until_dead(watcher)
         assert not watcher.healthy()
+        # The daemon is woken to look now, not at its next periodic look (15 s away).
+        assert sightings.woken.wait(DEADLINE) and watcher.ended()
         watcher.restart()
         assert watcher.healthy()
         (drop / "second.xml").write_bytes(b"<x/>")
