@@ -146,6 +146,24 @@ def test_a_server_trickling_the_tls_handshake_is_given_up_on_at_the_deadline(
     assert 1.95 <= took < 15
 
 
+def test_a_sooner_deadline_than_the_one_the_reaper_sleeps_on_still_fires_in_time(
+    hostile: Hostile, client: Callable[..., HttpClient]
+) -> None:
+    # The reaper sleeps until the first deadline it knows (60 s away here), and is woken
+    # only for a deadline that falls due before that.
+    slow = hostile(trickle_headers(every=0.2))
+    first = threading.Thread(
+        target=timed, args=(lambda: client(slow.url, http_timeout=60).json("GET", "a"),)
+    )
+    first.daemon = True  # cut when the server closes, at the end of the test
+    first.start()
+    wait_until(lambda: slow.connections == 1, "the first request connected")
+    server = hostile(trickle_headers(every=0.2))
+    error, took = timed(lambda: client(server.url, http_timeout=2).json("GET", "rest/data/"))
+    assert isinstance(error, TransientError)
+    assert 1.95 <= took < 15
+
+
 def test_the_deadline_ends_with_the_request(
     hostile: Hostile, client: Callable[..., HttpClient]
 ) -> None:

@@ -96,12 +96,14 @@ class _Reaper:
         self._heap: list[tuple[float, int, Deadline]] = []
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
+        self._wakes_at = float("inf")  # when the reaper wakes by itself next
 
     def after_fork(self) -> None:
         """A forked child has no reaper thread, and must not wait on the parent's lock."""
         self._cond = threading.Condition()
         self._heap = []
         self._thread = None
+        self._wakes_at = float("inf")
 
     def add(self, deadline: Deadline) -> None:
         with self._cond:
@@ -111,7 +113,11 @@ class _Reaper:
                     target=self._run, name="nxdrop-http-deadlines", daemon=True
                 )
                 self._thread.start()
-            if self._heap[0][2] is deadline:  # sooner than what the reaper waits for
+            # Woken only for a deadline before its own wakeup: under a stream of requests,
+            # each ending long before its deadline, it sleeps on the first deadline it saw
+            # and is not woken for every request (two context switches each).
+            if deadline.expires < self._wakes_at:
+                self._wakes_at = deadline.expires
                 self._cond.notify()
 
     def forget(self, deadline: Deadline) -> None:
@@ -131,7 +137,8 @@ class _Reaper:
                     if not deadline.done:
                         due.append(deadline)
                 if not due:
-                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                    self._wakes_at = self._heap[0][0] if self._heap else float("inf")
+                    self._cond.wait(self._wakes_at - now if self._heap else None)
                     continue
             for deadline in due:
                 deadline.fire()
