@@ -250,6 +250,7 @@ class Daemon:
             self.intake.next_wakeup(),
             self.service.next_wakeup(self.status_line()),
             self.outage.next_wakeup(),
+            self.dispatcher.next_wakeup(),
             self._next_checkpoint if self.app.store.checkpoint_due() else float("inf"),
         )
         return min(max(0.0, wakeup - time.monotonic()), MAX_WAIT)

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from nxdrop.concurrency import Concurrency
 from nxdrop.pipeline import FileReport
 from nxdrop.records import session_identifier_of
 
@@ -38,7 +39,8 @@ class _Running:
 
 
 class Dispatcher:
-    """Runs ``job(path)`` on at most ``workers`` threads, never two of one session at once."""
+    """Runs ``job(path)`` on at most ``workers`` threads (fewer while more cannot help:
+    :mod:`nxdrop.concurrency`), never two of one session at once."""
 
     def __init__(
         self, job: Callable[[Path], FileReport], workers: int, wake: Callable[[], None]
@@ -52,6 +54,7 @@ class Dispatcher:
         self._ready: deque[str] = deque()  # sessions with paths waiting and no job running
         self._running: dict[Future[FileReport], _Running] = {}
         self._bugs_told: set[str] = set()
+        self.concurrency = Concurrency(workers)
 
     def wants(self) -> bool:
         """Whether more paths would keep the workers busy (it never hoards the backlog)."""
@@ -73,7 +76,7 @@ class Dispatcher:
     def pump(self) -> int:
         """Start jobs while workers are free; how many started."""
         started = 0
-        while self._ready and len(self._running) < self.workers:
+        while self._ready and len(self._running) < self.concurrency.limit:
             session = self._ready.popleft()
             paths = self._waiting[session]
             path = paths.popleft()
@@ -88,6 +91,7 @@ class Dispatcher:
 
     def reap(self) -> list[Done]:
         """The jobs that finished since the last call; their sessions may run again."""
+        self.concurrency.step(waiting=bool(self._ready))
         finished = [f for f in self._running if f.done()]
         done = []
         for future in finished:
@@ -127,6 +131,13 @@ class Dispatcher:
     def shutdown(self) -> None:
         """Let the executor's threads go once their jobs end; never waits for them."""
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def next_wakeup(self) -> float:
+        """When the main loop should call :meth:`reap` though no job ended: while paths
+        wait and more of them may run, to let the limit grow (``time.monotonic()``)."""
+        if self._ready and self.concurrency.limit < self.workers:
+            return self.concurrency.next_step()
+        return float("inf")
 
     def __contains__(self, path: object) -> bool:
         return path in self._queued
