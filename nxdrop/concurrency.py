@@ -8,7 +8,8 @@ CPU than the record's own work (measured with 0 ms servers: 3.6 ms a record with
 worker, 5.0 ms with four). So the limit starts at one and follows the process's own CPU
 use, measured over short windows: up by one while it uses less than three quarters of a
 core and files wait (slow servers: all workers within a second), down by one while it
-uses a core or more.
+uses about one core (but not while its threads use one and a half or more: then they do
+run side by side).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 WINDOW = 0.25  # seconds of the process's CPU use behind each step
 BUSY = 0.9  # of a core: one worker fewer
 SPARE = 0.75  # of a core: one worker more, if files wait
+# Of cores: the threads run side by side after all (a plugin's C code that lets go of the
+# lock, on a machine with cores to spare): they are kept.
+PARALLEL = 1.5
 
 
 class Concurrency:
@@ -53,7 +57,7 @@ class Concurrency:
         use = (cpu - self._cpu) / (now - self._since)
         self._since, self._cpu = now, cpu
         limit = self.limit
-        if use >= BUSY and limit > 1:
+        if BUSY <= use < PARALLEL and limit > 1:
             self.limit -= 1
         elif use < SPARE and waiting and limit < self.workers:
             self.limit += 1

@@ -58,3 +58,17 @@ def test_workers_are_taken_away_while_nxdrop_keeps_a_core_busy() -> None:
     clocks.run(WINDOW, cores=0.85)  # one worker, busy but not saturated: it stays
     limit.step(waiting=True)
     assert limit.limit == 1
+
+
+def test_threads_that_run_side_by_side_are_kept() -> None:
+    # A plugin whose C code lets go of the interpreter lock, on a machine with cores to
+    # spare: four workers use three cores, and none is taken away.
+    clocks = Clocks()
+    limit = Concurrency(4, clock=lambda: clocks.now, cpu=lambda: clocks.used)
+    for _ in range(3):
+        clocks.run(WINDOW, cores=0.2)
+        limit.step(waiting=True)
+    for _ in range(3):
+        clocks.run(WINDOW, cores=3.0)
+        limit.step(waiting=True)
+    assert limit.limit == 4
