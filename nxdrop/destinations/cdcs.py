@@ -395,12 +395,11 @@ class CDCSDestination(ExportDestination):
             query = {"title": pattern, "regex": "true", "template": template}
             if self.user_owned:  # a record given away is among its owner's only
                 found = self._admin_get("rest/admin/data/", **query)
-                rows = found.get("results", []) if isinstance(found, dict) else found
             else:
                 found = self._get("rest/data/", **query, page="1")
-                if found.get("next"):
-                    return None
-                rows = found["results"]
+            if isinstance(found, dict) and found.get("next"):
+                return None  # more than a page: each record looks for its own
+            rows = found.get("results", []) if isinstance(found, dict) else found
             held.update(str(r.get("title")) for r in rows)
         return held.intersection(sessions)
 
