@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nxdrop.folders import DropFolder
-from nxdrop.lookahead import Lookahead
 from nxdrop.settings import Settings
 from nxdrop.settle import SettleTracker
 from nxdrop.sighting import Kind, Sighting, Sink
 
 if TYPE_CHECKING:
+    from nxdrop.lookahead import Lookahead
     from nxdrop.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -46,13 +46,13 @@ class Intake:
         sink: Sink,
         *,
         known: Callable[[Path], bool],
+        lookahead: Lookahead,
         watch: bool = True,
-        lookahead: Lookahead | None = None,
     ) -> None:
         self.folder = folder
         self.known = known  # already handed on, not yet claimed: no need to offer it again
         # Told of each path made ready, for destinations that look for many sessions at once.
-        self.lookahead = Lookahead() if lookahead is None else lookahead
+        self.lookahead = lookahead
         self.settle_seconds = settings.settle_seconds
         self.rescan_seconds = settings.rescan_seconds
         self.watcher: Watcher | None = None

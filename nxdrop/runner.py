@@ -15,14 +15,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from nxdrop.destinations.base import ExportContext, ExportDestination, ExportResult
 from nxdrop.exceptions import DestinationError, TransientError
-from nxdrop.lookahead import Lookahead
 from nxdrop.metrics import Metrics
 from nxdrop.records import Record
 from nxdrop.redact import Redactor
 from nxdrop.store import AttemptState, Standing, Store, UploadRow
+
+if TYPE_CHECKING:
+    from nxdrop.lookahead import Lookahead
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class DestinationRunner:
         stop: Stop,
         redactor: Redactor,
         metrics: Metrics,
-        lookahead: Lookahead | None = None,
+        lookahead: Lookahead,
     ) -> None:
         self.destination = destination
         self.name = str(destination.name)
@@ -81,7 +84,7 @@ class DestinationRunner:
         self._bugs_told: set[str] = set()  # a bug's traceback is logged once, not per record
         self._census_lock = threading.Lock()
         self._from_start: bool | None = None  # whether the log knows all made at the endpoint
-        self.lookahead = Lookahead() if lookahead is None else lookahead
+        self.lookahead = lookahead  # the ready files' sessions, asked about in batches
         self._batch_lock = threading.Lock()
         self._answers: dict[str, tuple[bool, float]] = {}  # session → (held, when), oldest first
         self._ask_after = 0.0

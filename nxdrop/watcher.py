@@ -178,17 +178,11 @@ class Watcher:
 
     def overflowed(self) -> bool:
         """Whether the kernel dropped events since the last call."""
-        if self._overflow.is_set():
-            self._overflow.clear()
-            return True
-        return False
+        return _taken(self._overflow)
 
     def ended(self) -> bool:
         """Whether a thread of the observer ended since the last call (also by a stop)."""
-        if self._ended.is_set():
-            self._ended.clear()
-            return True
-        return False
+        return _taken(self._ended)
 
     def _tell_when_ended(self, thread: threading.Thread) -> None:
         """Wake the daemon when ``thread`` ends, however: it then restarts the observer at
@@ -213,3 +207,11 @@ class Watcher:
 
         # Full events: a move in from outside the folder is a move (ready), not a create.
         return InotifyObserver(generate_full_events=True)
+
+
+def _taken(flag: threading.Event) -> bool:
+    """Whether ``flag`` was set; it is cleared."""
+    if flag.is_set():
+        flag.clear()
+        return True
+    return False

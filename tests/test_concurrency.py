@@ -7,68 +7,51 @@ from nxdrop.concurrency import WINDOW, Concurrency
 
 
 class Clocks:
-    """A wall clock and a CPU clock that the test moves."""
+    """A wall clock and a CPU clock that the test moves, and the limit that reads them."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 4) -> None:
         self.now = 0.0
         self.used = 0.0
+        self.limit = Concurrency(workers, clock=lambda: self.now, cpu=lambda: self.used)
 
-    def run(self, seconds: float, cores: float) -> None:
+    def run(self, seconds: float, cores: float, *, waiting: bool = True) -> int:
+        """``seconds`` pass using ``cores``; the limit after a step."""
         self.now += seconds
         self.used += seconds * cores
+        self.limit.step(waiting=waiting)
+        return self.limit.limit
+
+    def windows(self, count: int, cores: float) -> list[int]:
+        """The limit after each of ``count`` windows using ``cores``, files waiting."""
+        return [self.run(WINDOW, cores) for _ in range(count)]
 
 
 def test_workers_are_added_while_records_wait_and_the_cpu_is_spare() -> None:
     clocks = Clocks()
-    limit = Concurrency(4, clock=lambda: clocks.now, cpu=lambda: clocks.used)
-    assert limit.limit == 1
-    seen = []
-    for _ in range(5):
-        clocks.run(WINDOW, cores=0.1)  # waiting for slow servers
-        limit.step(waiting=True)
-        seen.append(limit.limit)
-    assert seen == [2, 3, 4, 4, 4]  # never above NX_WORKERS
+    assert clocks.limit.limit == 1
+    # Waiting for slow servers; never above NX_WORKERS.
+    assert clocks.windows(5, cores=0.1) == [2, 3, 4, 4, 4]
 
 
 def test_no_worker_is_added_when_nothing_waits_or_within_a_window() -> None:
     clocks = Clocks()
-    limit = Concurrency(4, clock=lambda: clocks.now, cpu=lambda: clocks.used)
-    clocks.run(WINDOW, cores=0.0)
-    limit.step(waiting=False)
-    assert limit.limit == 1
-    clocks.run(WINDOW / 2, cores=0.0)
-    limit.step(waiting=True)  # half a window: too soon to tell
-    assert limit.limit == 1
-    assert limit.next_step() == 2 * WINDOW  # a window after the last look
+    assert clocks.run(WINDOW, cores=0.0, waiting=False) == 1
+    assert clocks.run(WINDOW / 2, cores=0.0) == 1  # half a window: too soon to tell
+    assert clocks.limit.next_step() == 2 * WINDOW  # a window after the last look
 
 
 def test_workers_are_taken_away_while_nxdrop_keeps_a_core_busy() -> None:
     clocks = Clocks()
-    limit = Concurrency(4, clock=lambda: clocks.now, cpu=lambda: clocks.used)
-    for _ in range(3):
-        clocks.run(WINDOW, cores=0.2)
-        limit.step(waiting=True)
-    assert limit.limit == 4
-    seen = []
-    for _ in range(4):
-        clocks.run(WINDOW, cores=1.05)  # fast servers: the threads fight for the lock
-        limit.step(waiting=True)
-        seen.append(limit.limit)
-    assert seen == [3, 2, 1, 1]
-    clocks.run(WINDOW, cores=0.85)  # one worker, busy but not saturated: it stays
-    limit.step(waiting=True)
-    assert limit.limit == 1
+    assert clocks.windows(3, cores=0.2) == [2, 3, 4]
+    # Fast servers: the threads fight for the lock.
+    assert clocks.windows(4, cores=1.05) == [3, 2, 1, 1]
+    # One worker, busy but not saturated: it stays.
+    assert clocks.windows(1, cores=0.85) == [1]
 
 
 def test_threads_that_run_side_by_side_are_kept() -> None:
     # A plugin whose C code lets go of the interpreter lock, on a machine with cores to
     # spare: four workers use three cores, and none is taken away.
     clocks = Clocks()
-    limit = Concurrency(4, clock=lambda: clocks.now, cpu=lambda: clocks.used)
-    for _ in range(3):
-        clocks.run(WINDOW, cores=0.2)
-        limit.step(waiting=True)
-    for _ in range(3):
-        clocks.run(WINDOW, cores=3.0)
-        limit.step(waiting=True)
-    assert limit.limit == 4
+    assert clocks.windows(3, cores=0.2) == [2, 3, 4]
+    assert clocks.windows(3, cores=3.0) == [4, 4, 4]
